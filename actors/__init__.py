@@ -1,0 +1,1 @@
+"""Control-plane actors: long-lived trio services that talk over the bus."""

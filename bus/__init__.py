@@ -1,0 +1,1 @@
+"""The one place that knows NATS: a trio-native client and the nats-server launcher."""

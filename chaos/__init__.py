@@ -1,0 +1,1 @@
+"""Game days: fault injection, killing and pausing parts of the mesh, steady-state checks."""

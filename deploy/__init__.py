@@ -1,0 +1,1 @@
+"""Topologies, the demo application, and running the mesh on real hosts."""

@@ -1,0 +1,1 @@
+"""The data plane: one trio proxy process per service instance."""

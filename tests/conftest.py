@@ -1,0 +1,1 @@
+"""Shared fixtures. Tests run real nats-server processes, real sockets and real TLS."""

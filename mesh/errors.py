@@ -15,3 +15,11 @@ class ConfigError(MeshError):
 
 class BusError(MeshError):
     """NATS could not be reached, or refused an operation."""
+
+
+class IdentityError(MeshError):
+    """A certificate, CSR, join token or sealed key was refused.
+
+    The concrete classes live in ``mesh.pki_errors``; each carries a short ``reason`` flag
+    (for logs and metrics) besides its message.
+    """

@@ -23,9 +23,13 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mesh", description="trio-mesh: a service mesh on trio and NATS")
+    parser = argparse.ArgumentParser(
+        prog="mesh", description="trio-mesh: a service mesh on trio and NATS"
+    )
     parser.add_argument("--version", action="version", version=f"mesh {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

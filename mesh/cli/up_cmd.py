@@ -1,7 +1,62 @@
-"""placeholder"""
+"""`mesh up`: start the mesh. No flags: an embedded NATS node and one control-plane replica."""
 
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
 from typing import Any
+
+import trio
+
+from bus.client import BusOptions
+from deploy.up import DEFAULT_NATS_PORT, Running, UpConfig, run_up
+from mesh.cli.common import print_ready, run_trio
 
 
 def register(sub: Any) -> None:
-    pass
+    p: argparse.ArgumentParser = sub.add_parser(
+        "up", help="start NATS (embedded unless --nats) and the control plane"
+    )
+    p.add_argument(
+        "--nats",
+        default="",
+        help="join an existing NATS cluster (comma-separated URLs) instead of embedding one",
+    )
+    p.add_argument(
+        "--nats-port",
+        type=int,
+        default=DEFAULT_NATS_PORT,
+        help="client port of the embedded NATS (0: any free port)",
+    )
+    p.add_argument("--replicas", type=int, default=1, help="control-plane replicas (default 1)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(".mesh"),
+        help="where the embedded NATS keeps data and logs",
+    )
+    p.add_argument(
+        "--ready-line", action="store_true", help="print one JSON line on stdout when ready"
+    )
+    p.set_defaults(func=cmd_up)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    urls = list(BusOptions.parse_servers(args.nats)) if args.nats else []
+    config = UpConfig(
+        state_dir=args.state_dir, nats_urls=urls, nats_port=args.nats_port, replicas=args.replicas
+    )
+
+    async def main() -> int:
+        async with trio.open_nursery() as nursery:
+            running: Running = await nursery.start(run_up, config, args.verbose)
+            print(running.describe(), flush=True)
+            if args.ready_line:
+                print_ready(
+                    component="up",
+                    nats=running.nats_urls,
+                    replicas={r.name: r.pid for r in running.replicas},
+                )
+        return 0
+
+    return run_trio(main)

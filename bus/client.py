@@ -1,0 +1,423 @@
+"""A trio-native NATS client: nats-py on a trio-asyncio loop, hidden behind trio calls.
+
+Why this shape (figures in shared/FACTS.md): one trio->asyncio crossing costs
+about 55 µs, so publishes go into a trio channel and one flusher task crosses
+once per *batch*; incoming messages are handed from nats-py's callback to a
+bounded trio channel without any crossing. Every error nats-py reports through a
+callback is logged and counted, and the unexpected ones are raised in the bus's
+nursery, so they reach the trio code that owns the bus instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import nats.errors
+import trio
+import trio_asyncio
+from nats.aio.client import Client as NatsClient
+from trio_asyncio import aio_as_trio
+
+from bus.errors import BusClosed, BusConnectError, BusOverloaded, BusTimeout, NoResponders
+from bus.subscription import Delivery, Overflow, Subscription, message_decoder, raw_decoder
+from mesh.concurrency import unwrap_single
+from mesh.messages import MAX_MESSAGE_BYTES, Message, MessageTooLarge, decode_as, encode
+
+log = logging.getLogger("mesh.bus")
+
+M = TypeVar("M", bound=Message)
+
+# Publishes taken off the outbox in one crossing. Big enough to amortise the
+# crossing, small enough that one batch does not hold the loop for long.
+_MAX_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class BusOptions:
+    """How to reach NATS. `servers` is one URL or several (a cluster)."""
+
+    servers: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    name: str = "trio-mesh"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    tls: ssl.SSLContext | None = None
+    # Total time allowed for the *first* connection; afterwards the bus
+    # reconnects forever with exponential backoff and jitter.
+    connect_timeout: float = 5.0
+    reconnect_base: float = 0.05
+    reconnect_cap: float = 2.0
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    outbox_capacity: int = 65536
+
+    @staticmethod
+    def parse_servers(spec: str | Sequence[str]) -> tuple[str, ...]:
+        items = [spec] if isinstance(spec, str) else list(spec)
+        urls = tuple(u.strip() for item in items for u in item.split(",") if u.strip())
+        for url in urls:
+            if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise BusConnectError(
+                    f"{url!r} is not a NATS URL: expected nats://HOST:PORT (or tls://)"
+                )
+        if not urls:
+            raise BusConnectError("no NATS server URL given")
+        return urls
+
+
+@dataclass
+class BusStats:
+    published: int = 0
+    publish_errors: int = 0
+    reconnects: int = 0
+    async_errors: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+
+
+class Bus:
+    """Connected NATS client. Create with `async with connect(...) as bus`."""
+
+    def __init__(self, options: BusOptions) -> None:
+        self.options = options
+        self.stats = BusStats()
+        self._nc: Any = NatsClient()
+        self._js: Any = None
+        self._closing = False
+        self._outbox_send, self._outbox_recv = trio.open_memory_channel[
+            tuple[str, bytes, dict[str, str] | None]
+        ](options.outbox_capacity)
+        self._enqueued = 0
+        self._flushed = 0
+        self._flush_waiters: list[tuple[int, trio.Event]] = []
+        # Errors from nats-py callbacks, raised in the bus nursery by _raise_errors.
+        self._errors_send, self._errors_recv = trio.open_memory_channel[BaseException](64)
+        self._last_connect_error: BaseException | None = None
+        self._connected_once = False
+
+    # -- connection -------------------------------------------------------
+
+    @property
+    def connected_url(self) -> str:
+        url = self._nc.connected_url
+        return f"{url.scheme}://{url.netloc}" if url else ""
+
+    @property
+    def is_connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    def _pick_server(self, servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        """nats-py reconnect hook: least-tried server, exponential backoff with jitter."""
+        server = min(servers, key=lambda s: s.reconnects)
+        o = self.options
+        delay = min(o.reconnect_cap, o.reconnect_base * 2 ** min(server.reconnects, 16))
+        return server, delay * random.uniform(0.5, 1.0)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if not self._connected_once:
+            self._last_connect_error = exc
+            return
+        self.stats.async_errors += 1
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self.stats.drops["slow-consumer"] += 1
+        log.warning("NATS: %s: %s", type(exc).__name__, exc or "(no detail)")
+
+    async def _on_disconnected(self) -> None:
+        if not self._closing and self._connected_once:
+            log.warning("NATS: disconnected, reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self.stats.reconnects += 1
+        log.warning("NATS: reconnected to %s", self.connected_url)
+
+    async def _on_closed(self) -> None:
+        if not self._closing and self._connected_once:
+            self._report(BusClosed("the NATS connection was closed by the client library"))
+
+    def _report(self, exc: BaseException) -> None:
+        try:
+            self._errors_send.send_nowait(exc)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            log.error("bus error not reported (queue full): %r", exc)
+
+    async def _connect(self) -> None:
+        o = self.options
+        kwargs: dict[str, Any] = dict(
+            servers=list(o.servers),
+            name=o.name,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+            closed_cb=self._on_closed,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
+            reconnect_to_server_handler=self._pick_server,
+            connect_timeout=max(1, min(2, int(o.connect_timeout))),
+            ping_interval=5,
+            max_outstanding_pings=3,
+            tls=o.tls,
+        )
+        for key in ("user", "password", "token"):
+            if getattr(o, key) is not None:
+                kwargs[key] = getattr(o, key)
+        if o.creds_file:
+            kwargs["user_credentials"] = o.creds_file
+        with trio.move_on_after(o.connect_timeout) as scope:
+            try:
+                await aio_as_trio(self._nc.connect)(**kwargs)
+            except (OSError, nats.errors.Error) as exc:
+                raise BusConnectError(
+                    f"cannot connect to NATS at {', '.join(o.servers)}: {exc}"
+                ) from None
+        if scope.cancelled_caught:
+            why = self._last_connect_error
+            detail = f"{type(why).__name__}: {why}" if why else "no answer"
+            await self._close_quietly()
+            raise BusConnectError(
+                f"cannot reach NATS at {', '.join(o.servers)} within {o.connect_timeout:g} s "
+                f"(last error: {detail}); is nats-server running? (`mesh nats` starts one)"
+            )
+        self._connected_once = True
+        self._js = self._nc.jetstream(timeout=5)
+        log.info("connected to NATS at %s", self.connected_url)
+
+    async def _close_quietly(self) -> None:
+        self._closing = True
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            try:
+                await aio_as_trio(self._nc.close)()
+            except Exception as exc:  # closing a half-open client: nothing left to save
+                log.debug("closing NATS client: %r", exc)
+
+    async def _drain_and_close(self) -> None:
+        self._closing = True
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            if self._nc.is_connected:
+                try:
+                    await aio_as_trio(self._nc.drain)()
+                    return
+                except Exception as exc:
+                    log.debug("draining NATS client: %r", exc)
+        await self._close_quietly()
+
+    # -- background tasks ------------------------------------------------
+
+    async def _raise_errors(self) -> None:
+        async for exc in self._errors_recv:
+            raise exc
+
+    async def _flusher(self) -> None:
+        recv = self._outbox_recv
+        async for first in recv:
+            batch = [first]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    batch.append(recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await aio_as_trio(self._publish_batch)(batch)
+            self._flushed += len(batch)
+            if self._flush_waiters:
+                done = [w for w in self._flush_waiters if w[0] <= self._flushed]
+                for w in done:
+                    w[1].set()
+                    self._flush_waiters.remove(w)
+
+    async def _publish_batch(self, batch: list[tuple[str, bytes, dict[str, str] | None]]) -> None:
+        # asyncio side: nc.publish only appends to nats-py's buffer.
+        publish = self._nc.publish
+        for subject, data, headers in batch:
+            try:
+                await publish(subject, data, headers=headers)
+            except Exception as exc:  # one bad publish must not lose the rest of the batch
+                self.stats.publish_errors += 1
+                log.warning("publish to %s failed: %s: %s", subject, type(exc).__name__, exc)
+            else:
+                self.stats.published += 1
+
+    # -- publish ----------------------------------------------------------
+
+    def _payload(self, message: Message | bytes) -> bytes:
+        limit = self.options.max_message_bytes
+        if isinstance(message, Message):
+            return encode(message, limit)
+        if len(message) > limit:
+            raise MessageTooLarge(
+                f"message of {len(message)} bytes is over the limit of {limit} bytes"
+            )
+        return message
+
+    def publish_nowait(
+        self, subject: str, message: Message | bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        """Queue a message; never blocks. Raises BusOverloaded if the outbox is full."""
+        try:
+            self._outbox_send.send_nowait((subject, self._payload(message), headers))
+        except trio.WouldBlock:
+            raise BusOverloaded(
+                f"outgoing queue full ({self.options.outbox_capacity} messages) publishing to "
+                f"{subject}: NATS is not keeping up"
+            ) from None
+        self._enqueued += 1
+
+    async def publish(
+        self, subject: str, message: Message | bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        """Queue a message, waiting for room in the outbox if it is full."""
+        await self._outbox_send.send((subject, self._payload(message), headers))
+        self._enqueued += 1
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything published so far has been written to the server."""
+        with trio.move_on_after(timeout) as scope:
+            if self._flushed < self._enqueued:
+                event = trio.Event()
+                self._flush_waiters.append((self._enqueued, event))
+                await event.wait()
+            try:
+                await aio_as_trio(self._nc.flush)(timeout=max(1, int(timeout)))
+            except nats.errors.Error as exc:
+                raise BusTimeout(f"NATS flush failed: {exc}") from None
+        if scope.cancelled_caught:
+            raise BusTimeout(f"NATS did not confirm published messages within {timeout:g} s")
+
+    def reply(self, delivery: Delivery[Any], message: Message | bytes) -> None:
+        if delivery.reply:
+            self.publish_nowait(delivery.reply, message)
+
+    # -- subscribe --------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        subject: str,
+        *,
+        queue: str = "",
+        capacity: int = 1024,
+        overflow: Overflow = Overflow.DROP_NEWEST,
+    ) -> AsyncIterator[Subscription[Message]]:
+        """Subscribe to typed mesh messages; undecodable or oversized ones are dropped and counted."""
+        sub = Subscription(
+            subject,
+            capacity,
+            overflow,
+            message_decoder(self.options.max_message_bytes),
+            self.stats.drops,
+        )
+        async with self._subscribed(sub, queue):
+            yield sub
+
+    @asynccontextmanager
+    async def subscribe_raw(
+        self,
+        subject: str,
+        *,
+        queue: str = "",
+        capacity: int = 1024,
+        overflow: Overflow = Overflow.DROP_NEWEST,
+    ) -> AsyncIterator[Subscription[bytes]]:
+        """Subscribe to raw payloads (size-checked, not decoded)."""
+        sub = Subscription(
+            subject,
+            capacity,
+            overflow,
+            raw_decoder(self.options.max_message_bytes),
+            self.stats.drops,
+        )
+        async with self._subscribed(sub, queue):
+            yield sub
+
+    @asynccontextmanager
+    async def _subscribed(self, sub: Subscription[Any], queue: str) -> AsyncIterator[None]:
+        report = self._report
+
+        async def callback(msg: Any) -> None:
+            try:
+                sub.deliver(msg.subject, msg.reply, msg.data, msg.headers)
+            except BaseException as exc:  # a bug in delivery must surface in trio, not in asyncio
+                report(exc)
+
+        sub.nats_sub = await aio_as_trio(self._nc.subscribe)(sub.subject, queue=queue, cb=callback)
+        # Round trip so the server has the interest before the caller says it is ready.
+        await aio_as_trio(self._nc.flush)(timeout=5)
+        try:
+            yield
+        finally:
+            sub.close()
+            if not self._closing:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    try:
+                        await aio_as_trio(sub.nats_sub.unsubscribe)()
+                    except nats.errors.Error as exc:
+                        log.debug("unsubscribe %s: %s", sub.subject, exc)
+
+    # -- request / reply --------------------------------------------------
+
+    async def request_raw(
+        self, subject: str, message: Message | bytes, *, timeout: float = 2.0
+    ) -> bytes:
+        data = self._payload(message)
+        with trio.move_on_after(timeout) as scope:
+            try:
+                reply = await aio_as_trio(self._nc.request)(subject, data, timeout=timeout + 5)
+            except nats.errors.NoRespondersError:
+                raise NoResponders(f"nothing is listening on {subject}") from None
+            except nats.errors.ConnectionClosedError:
+                raise BusClosed(f"request on {subject}: the NATS connection is closed") from None
+            except nats.errors.TimeoutError:
+                raise BusTimeout(f"no reply on {subject} within {timeout:g} s") from None
+        if scope.cancelled_caught:
+            raise BusTimeout(f"no reply on {subject} within {timeout:g} s")
+        payload: bytes = reply.data
+        return payload
+
+    async def request(
+        self, subject: str, message: Message, reply_type: type[M], *, timeout: float = 2.0
+    ) -> M:
+        data = await self.request_raw(subject, message, timeout=timeout)
+        return decode_as(data, reply_type, self.options.max_message_bytes)
+
+    # -- JetStream --------------------------------------------------------
+
+    @property
+    def jetstream(self) -> Any:
+        """The nats-py JetStream context: for bus/ modules only."""
+        return self._js
+
+
+@asynccontextmanager
+async def connect(
+    servers: str | Sequence[str] = "nats://127.0.0.1:4222", **options: Any
+) -> AsyncIterator[Bus]:
+    """Connect to NATS and yield a `Bus`; drains and closes on exit.
+
+    Keyword options are those of `BusOptions`. Fails with BusConnectError,
+    within `connect_timeout` seconds, if no server answers.
+    """
+    opts = BusOptions(servers=BusOptions.parse_servers(servers), **options)
+    bus = Bus(opts)
+    with unwrap_single():
+        async with trio_asyncio.open_loop():
+            await bus._connect()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(bus._raise_errors)
+                    nursery.start_soon(bus._flusher)
+                    try:
+                        yield bus
+                        # Leaving normally: deliver what is queued before closing.
+                        try:
+                            await bus.flush()
+                        except BusTimeout as exc:
+                            log.warning("leaving the bus: %s", exc)
+                    finally:
+                        nursery.cancel_scope.cancel()
+            finally:
+                await bus._drain_and_close()

@@ -1,0 +1,247 @@
+"""Launch nats-server: an embedded single node, or an N-node local cluster with JetStream.
+
+Readiness is polled, never slept for: every node's `/healthz` must answer 200
+and, with JetStream on, `/jsz` must name a meta leader. A 3-node cluster
+usually elects one in ~0.35 s but sometimes takes ~5 s (shared/FACTS.md), so
+the deadline is generous.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from bus.binary import find_nats_server
+from bus.http_probe import ProbeError, http_get, http_get_json
+from mesh.concurrency import unwrap_single
+from mesh.errors import MeshError
+from mesh.processes import child_kwargs, free_port, terminate
+
+log = logging.getLogger("mesh.nats")
+
+
+class NatsServerError(MeshError):
+    pass
+
+
+@dataclass
+class NodeSpec:
+    name: str
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: pick a free port
+    http_port: int = 0
+    cluster_port: int = 0
+    routes: list[str] = field(default_factory=list)
+    cluster_name: str = "mesh"
+    jetstream: bool = True
+    max_payload: int = 8 * 1024 * 1024
+
+    def resolve_ports(self) -> None:
+        self.port = self.port or free_port(self.host)
+        self.http_port = self.http_port or free_port(self.host)
+
+    def config_text(self) -> str:
+        store = self.state_dir / "jetstream"
+        lines = [
+            f'server_name: "{self.name}"',
+            f'listen: "{self.host}:{self.port}"',
+            f'http: "{self.host}:{self.http_port}"',
+            f"max_payload: {self.max_payload}",
+        ]
+        if self.jetstream:
+            lines.append(
+                f'jetstream {{ store_dir: "{store}", max_memory_store: 256MB, max_file_store: 2GB }}'
+            )
+        if self.cluster_port:
+            routes = ", ".join(f'"{r}"' for r in self.routes)
+            lines.append(
+                f'cluster {{ name: "{self.cluster_name}", listen: "{self.host}:{self.cluster_port}", '
+                f"routes: [{routes}] }}"
+            )
+        return "\n".join(lines) + "\n"
+
+
+class NatsServer:
+    """One nats-server child process, owned by whoever runs `run()` in a nursery."""
+
+    def __init__(self, spec: NodeSpec, binary: Path | None = None) -> None:
+        self.spec = spec
+        self.binary = binary or find_nats_server()
+        self.process: trio.Process | None = None
+        self._stopping = False
+        self.exited = trio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.spec.host}:{self.spec.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.spec.state_dir / "nats-server.log"
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def run(
+        self,
+        *,
+        wait_ready: bool = True,
+        task_status: trio.TaskStatus[NatsServer] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Start the node; report started once it answers /healthz (or at once if not wait_ready).
+
+        Returns when the node was stopped on purpose (`stop`, `kill`); raises
+        NatsServerError if it dies on its own.
+        """
+        spec = self.spec
+        spec.resolve_ports()
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        conf = spec.state_dir / "nats.conf"
+        conf.write_text(spec.config_text())
+        self._stopping = False
+        self.exited = trio.Event()
+        # A local append-only log file: opening it does not block meaningfully.
+        with open(self.log_path, "ab") as logf:  # noqa: ASYNC230
+            self.process = await trio.lowlevel.open_process(
+                [str(self.binary), "-c", str(conf)], stdout=logf, stderr=logf, **child_kwargs()
+            )
+        try:
+            if wait_ready:
+                await self.wait_healthy()
+            task_status.started(self)
+            code = await self.process.wait()
+            if not self._stopping:
+                raise NatsServerError(
+                    f"nats-server {spec.name} exited with code {code}; last lines of {self.log_path}:\n"
+                    + self.log_tail()
+                )
+        finally:
+            await terminate(self.process)
+            self.exited.set()
+
+    async def wait_healthy(self, timeout: float = 15.0) -> None:
+        """Poll /healthz until it answers 200, failing early if the process dies."""
+        assert self.process is not None
+        with trio.move_on_after(timeout):
+            delay = 0.005
+            while True:
+                if self.process.returncode is not None:
+                    raise NatsServerError(
+                        f"nats-server {self.spec.name} failed to start (code {self.process.returncode}):\n"
+                        + self.log_tail()
+                    )
+                try:
+                    status, _ = await http_get(self.spec.host, self.spec.http_port, "/healthz")
+                    if status == 200:
+                        return
+                except ProbeError:
+                    pass
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        raise NatsServerError(
+            f"nats-server {self.spec.name} not healthy within {timeout:g} s; log:\n"
+            + self.log_tail()
+        )
+
+    async def meta_leader(self) -> str:
+        """Name of the JetStream meta leader as this node sees it ('' if none)."""
+        try:
+            status, body = await http_get_json(self.spec.host, self.spec.http_port, "/jsz")
+        except ProbeError:
+            return ""
+        if status != 200 or not isinstance(body, dict):
+            return ""
+        meta = body.get("meta_cluster") or {}
+        return str(meta.get("leader") or "")
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM); `run()` returns without error."""
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Hard kill (SIGKILL), as a crash would; `run()` returns without error."""
+        self._signal(signal.SIGKILL)
+
+    def pause(self) -> None:
+        if self.process and self.process.returncode is None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process and self.process.returncode is None:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+    def _signal(self, sig: int) -> None:
+        self._stopping = True
+        if self.process and self.process.returncode is None:
+            self.resume()
+            self.process.send_signal(sig)
+
+
+class NatsCluster:
+    """N nodes on loopback with full-mesh routes and JetStream."""
+
+    def __init__(
+        self, size: int, state_dir: Path, host: str = "127.0.0.1", binary: Path | None = None
+    ) -> None:
+        if size < 1:
+            raise NatsServerError(f"a cluster needs at least one node, not {size}")
+        cluster_ports = [free_port(host) for _ in range(size)] if size > 1 else [0]
+        self.nodes: list[NatsServer] = []
+        for i in range(size):
+            routes = [
+                f"nats-route://{host}:{p}" for j, p in enumerate(cluster_ports) if j != i and p
+            ]
+            spec = NodeSpec(
+                name=f"n{i + 1}",
+                state_dir=state_dir / f"n{i + 1}",
+                host=host,
+                cluster_port=cluster_ports[i],
+                routes=routes,
+            )
+            self.nodes.append(NatsServer(spec, binary))
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    async def run(
+        self,
+        *,
+        ready_timeout: float = 30.0,
+        task_status: trio.TaskStatus[NatsCluster] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                for node in self.nodes:
+                    await nursery.start(functools.partial(node.run, wait_ready=False))
+                with trio.fail_after(ready_timeout):
+                    for node in self.nodes:
+                        await node.wait_healthy(ready_timeout)
+                    await self.wait_meta_leader(self.nodes)
+                log.info("NATS cluster ready: %s", ", ".join(self.urls))
+                task_status.started(self)
+
+    async def wait_meta_leader(self, nodes: Sequence[NatsServer], timeout: float = 30.0) -> str:
+        """Wait until every given node agrees on one JetStream meta leader."""
+        with trio.move_on_after(timeout):
+            while True:
+                leaders = {await n.meta_leader() for n in nodes}
+                if len(leaders) == 1 and "" not in leaders:
+                    return leaders.pop()
+                await trio.sleep(0.05)
+        raise NatsServerError(f"no JetStream meta leader within {timeout:g} s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

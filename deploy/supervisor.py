@@ -1,0 +1,155 @@
+"""Supervise child processes: start, wait for a ready line, restart on crash, stop in order.
+
+A child announces readiness by printing one JSON line with `"event": "ready"`
+on stdout (the mesh's own commands do, with `--ready-line`); until then the
+supervisor does not report it started. A child that dies is restarted with
+exponential backoff; one that cannot become ready at all fails `mesh up` with
+its last output, instead of flapping forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from mesh.errors import MeshError
+from mesh.processes import child_kwargs, terminate
+
+log = logging.getLogger("mesh.supervisor")
+
+
+class ChildFailed(MeshError):
+    pass
+
+
+class ChildProcess:
+    """One supervised child. Run with `await nursery.start(child.run)`."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        restart: bool = True,
+        ready_timeout: float = 30.0,
+        startup_attempts: int = 3,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 10.0,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = env
+        self.restart = restart
+        self.ready_timeout = ready_timeout
+        self.startup_attempts = startup_attempts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.process: trio.Process | None = None
+        self.ready_info: dict[str, Any] = {}
+        self.restarts = 0
+        self._output: deque[str] = deque(maxlen=20)
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[ChildProcess] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        reported = False
+        failures = 0
+        while not self._stopping:
+            ready = trio.Event()
+            env = {**os.environ, **(self.env or {})}
+            self.process = await trio.lowlevel.open_process(
+                self.argv, stdout=subprocess.PIPE, env=env, **child_kwargs()
+            )
+            try:
+                async with trio.open_nursery() as nursery:
+                    assert self.process.stdout is not None
+                    nursery.start_soon(self._read_stdout, self.process.stdout, ready)
+                    with trio.move_on_after(self.ready_timeout):
+                        await self._wait_ready_or_exit(ready)
+                    if ready.is_set():
+                        failures = 0
+                        if not reported:
+                            reported = True
+                            task_status.started(self)
+                    code = await self.process.wait()
+            finally:
+                await terminate(self.process)
+            if self._stopping:
+                return
+            failures += 1
+            if not ready.is_set():
+                why = "exited before it was ready" if code is not None else "was not ready in time"
+            else:
+                why = f"exited with code {code}"
+            log.error("%s (pid %s) %s", self.name, self.process.pid, why)
+            if not self.restart or (not reported and failures >= self.startup_attempts):
+                tail = "\n".join(self._output) or "(no output)"
+                raise ChildFailed(f"{self.name} {why} (code {code}); its last output:\n{tail}")
+            self.restarts += 1
+            await trio.sleep(min(self.backoff_cap, self.backoff_base * 2 ** (failures - 1)))
+
+    async def _wait_ready_or_exit(self, ready: trio.Event) -> None:
+        assert self.process is not None
+        async with trio.open_nursery() as nursery:
+
+            async def exited() -> None:
+                assert self.process is not None
+                await self.process.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(exited)
+            await ready.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _read_stdout(self, stream: trio.abc.ReceiveStream, ready: trio.Event) -> None:
+        buf = b""
+        async for chunk in stream:
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                text = line.decode(errors="replace").rstrip()
+                self._output.append(text)
+                if not ready.is_set() and text.startswith("{"):
+                    try:
+                        info = json.loads(text)
+                    except ValueError:
+                        info = None
+                    if isinstance(info, dict) and info.get("event") == "ready":
+                        self.ready_info = info
+                        ready.set()
+                        continue
+                print(f"[{self.name}] {text}", flush=True)
+
+    # Chaos and shutdown hooks.
+    def stop(self) -> None:
+        self._stopping = True
+        if self.process and self.process.returncode is None:
+            self.resume()
+            self.process.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL the current instance; the supervisor restarts it."""
+        if self.process and self.process.returncode is None:
+            self.process.kill()
+
+    def pause(self) -> None:
+        if self.process and self.process.returncode is None:
+            os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process and self.process.returncode is None:
+            os.kill(self.process.pid, signal.SIGCONT)

@@ -1,0 +1,109 @@
+"""`mesh up` as a user runs it: real processes, real NATS, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+MESH = [sys.executable, "-m", "mesh"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+async def read_ready_line(proc: trio.Process, timeout: float = 30) -> dict[str, Any]:
+    assert proc.stdout is not None
+    buf = b""
+    with trio.fail_after(timeout):
+        while True:
+            chunk = await proc.stdout.receive_some(4096)
+            if not chunk:
+                raise AssertionError(f"process exited before ready; output: {buf.decode()}")
+            buf += chunk
+            for line in buf.split(b"\n"):
+                if line.startswith(b'{"event": "ready"'):
+                    info: dict[str, Any] = json.loads(line)
+                    return info
+
+
+async def mesh(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process([*MESH, *args], capture_stdout=True, capture_stderr=True, check=check)
+
+
+async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(tmp_path: Path) -> None:
+    proc = await trio.lowlevel.open_process(
+        [*MESH, "up", "--nats-port", "0", "--state-dir", str(tmp_path / "state"), "--ready-line"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        info = await read_ready_line(proc)
+        nats = info["nats"][0]
+        cp_pid = info["replicas"]["cp-1"]
+        answer = await mesh("ping", "--nats", nats, "--json")
+        pong = json.loads(answer.stdout)
+        assert pong["replica"] == "cp-1" and pong["actors"] == ["ping"]
+
+        # A crashed replica is restarted by the supervisor and answers again.
+        os.kill(cp_pid, signal.SIGKILL)
+        with trio.fail_after(20):
+            while (await mesh("ping", "--nats", nats, "--timeout", "0.5", check=False)).returncode != 0:
+                await trio.sleep(0.1)
+
+        nats_pids = [
+            int(p) for p in (await trio.run_process(["pgrep", "-f", str(tmp_path)], capture_stdout=True,
+                                                     check=False)).stdout.split()
+        ]
+        assert nats_pids, "embedded nats-server not found"
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            code = await proc.wait()
+        assert code == 0
+        for pid in nats_pids:
+            assert not alive(pid), f"pid {pid} survived mesh up"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_ping_with_no_nats_is_a_clear_error() -> None:
+    from mesh.processes import free_port
+
+    result = await mesh("ping", "--nats", f"nats://127.0.0.1:{free_port()}", check=False)
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert "cannot reach NATS" in err and "Traceback" not in err
+
+
+async def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = await mesh("up", "--nats-port", str(port), "--state-dir", str(tmp_path), check=False)
+    assert result.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in result.stderr.decode()
+    assert "Traceback" not in result.stderr.decode()
+
+
+@pytest.mark.parametrize("bad", ["http://x:1", ""])
+async def test_up_rejects_bad_nats_urls(bad: str, tmp_path: Path) -> None:
+    result = await mesh("up", "--nats", bad, "--state-dir", str(tmp_path), check=False)
+    if bad:
+        assert result.returncode == 1 and "not a NATS URL" in result.stderr.decode()

@@ -3,9 +3,87 @@
 from __future__ import annotations
 
 import argparse
+import json
+import signal
+import sys
+from pathlib import Path
 from typing import Any
+
+import trio
+
+from mesh.errors import ConfigError, MeshError
+from mesh.snapshot import load_snapshot
 
 
 def register(sub: Any) -> None:
-    p: argparse.ArgumentParser = sub.add_parser("sidecar", help="run a sidecar proxy (data plane)")
-    p.set_defaults(func=lambda args: 2)
+    p: argparse.ArgumentParser = sub.add_parser(
+        "sidecar", help="run a sidecar proxy (data plane)",
+        description="Run one sidecar next to one app instance. Prints one JSON line "
+                    "{\"event\": \"ready\", ...ports} on stdout once every listener is bound. "
+                    "SIGHUP or a change of the file reloads the snapshot.")
+    p.add_argument("--service", required=True, help="the service this sidecar serves")
+    p.add_argument("--version", dest="service_version", default="v1",
+                   help="this instance's version (subset), e.g. v2")
+    p.add_argument("--app-port", type=int, required=True, help="the local app's HTTP port")
+    p.add_argument("--config", required=True, type=Path, help="snapshot file (YAML or JSON)")
+    p.add_argument("--outbound-port", type=int, default=15001, help="0: pick a free port")
+    p.add_argument("--inbound-port", type=int, default=15006, help="0: pick a free port")
+    p.add_argument("--admin-port", type=int, default=15000, help="0: pick a free port")
+    p.add_argument("--inbound-host", default="127.0.0.1", help="address the inbound listener binds")
+    p.add_argument("--ready-file", type=Path, help="also write the ready JSON line here")
+    p.add_argument("--watch-interval", type=float, default=1.0,
+                   help="seconds between checks of the snapshot file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that `mesh --help` does not pay for the data plane.
+    from sidecar.server import Sidecar, SidecarOptions
+
+    for flag in ("app_port", "outbound_port", "inbound_port", "admin_port"):
+        value = getattr(args, flag)
+        if not 0 <= value <= 65535 or (flag == "app_port" and value == 0):
+            raise ConfigError(f"--{flag.replace('_', '-')}: {value} is not a valid port")
+    opts = SidecarOptions(
+        service=args.service, version=args.service_version, app_port=args.app_port,
+        config=args.config, outbound_port=args.outbound_port, inbound_port=args.inbound_port,
+        admin_port=args.admin_port, inbound_host=args.inbound_host,
+        watch_interval=args.watch_interval)
+    sidecar = Sidecar(opts, load_snapshot(args.config))
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async with trio.open_nursery() as nursery:
+                ports = await nursery.start(sidecar.run)
+                line = json.dumps({"event": "ready", "service": opts.service,
+                                   "version": opts.version, "pid": _pid(), **ports})
+                print(line, flush=True)
+                if args.ready_file is not None:
+                    tmp = args.ready_file.with_suffix(".tmp")
+                    tmp.write_text(line + "\n")
+                    tmp.replace(args.ready_file)  # readers never see half a line
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        sidecar.reload()
+                    else:
+                        nursery.cancel_scope.cancel()
+                        break
+
+    try:
+        trio.run(main)
+    except MeshError:
+        raise
+    except BaseExceptionGroup as group:
+        # A bind failure raised inside the nursery arrives wrapped in a group.
+        mesh_errors, _ = group.split(MeshError)
+        if mesh_errors is not None:
+            raise mesh_errors.exceptions[0] from None
+        raise
+    print(json.dumps({"event": "stopped"}), file=sys.stderr, flush=True)
+    return 0
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()

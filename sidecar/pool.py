@@ -1,0 +1,133 @@
+"""Upstream connections: a LIFO pool per endpoint, with the circuit-breaker limits.
+
+Pooled connections go stale when the upstream closes idle ones, so the idle timeout
+here (20 s) is kept below common upstream keep-alive timeouts, and the proxy retries
+once on a fresh connection when a reused one fails before any response byte.
+
+TLS seam: give `ssl_context` and every new connection is wrapped in trio.SSLStream
+(the identity issue will provide the context; plaintext today).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import trio
+
+from mesh.snapshot import Endpoint
+from sidecar.cluster import BreakerState, ClusterState
+from sidecar.http.codec import ResponseReader
+
+
+class ConnectFailed(Exception):
+    pass
+
+
+class Overflow(Exception):
+    """A circuit breaker refused: too many connections and too many waiting."""
+
+
+class UpstreamConn:
+    __slots__ = ("breaker", "endpoint", "idle_since", "reader", "requests", "stream")
+
+    def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint,
+                 breaker: BreakerState) -> None:
+        self.stream = stream
+        self.endpoint = endpoint
+        self.breaker = breaker
+        self.reader = ResponseReader()
+        self.requests = 0
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        """Close without a checkpoint, so it works inside a cancelled scope."""
+        s = self.stream
+        if isinstance(s, trio.SocketStream):
+            s.socket.close()
+        elif isinstance(s, trio.SSLStream) and isinstance(s.transport_stream, trio.SocketStream):
+            s.transport_stream.socket.close()
+        self.breaker.open_connections -= 1
+        self.breaker.released.unpark()
+
+
+def set_nodelay(stream: trio.abc.Stream) -> None:
+    if isinstance(stream, trio.SocketStream):
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+
+
+class Pool:
+    def __init__(self, idle_timeout: float = 20.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.idle_timeout = idle_timeout
+        self.ssl_context = ssl_context
+        self._idle: dict[Endpoint, list[UpstreamConn]] = {}
+        self.opened = 0
+
+    async def acquire(self, ep: Endpoint, cluster: ClusterState,
+                      fresh: bool = False) -> tuple[UpstreamConn, bool]:
+        """Return (connection, reused)."""
+        if not fresh:
+            idle = self._idle.get(ep)
+            if idle:
+                now = trio.current_time()
+                while idle:
+                    conn = idle.pop()
+                    if now - conn.idle_since < self.idle_timeout:
+                        return conn, True
+                    conn.close()
+        breaker = cluster.breaker
+        limits = cluster.config.circuit_breaker
+        while breaker.open_connections >= limits.max_connections:
+            if self._evict_idle(breaker):
+                continue
+            if breaker.pending >= limits.max_pending:
+                raise Overflow(f"{breaker.open_connections} connections open and "
+                               f"{breaker.pending} requests pending")
+            breaker.pending += 1
+            try:
+                await breaker.released.park()
+            finally:
+                breaker.pending -= 1
+            idle = self._idle.get(ep)
+            if idle and not fresh:
+                conn = idle.pop()
+                return conn, True
+        breaker.open_connections += 1
+        try:
+            with trio.fail_after(cluster.config.connect_timeout):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(ep.host, ep.port)
+        except (OSError, trio.TooSlowError) as exc:
+            breaker.open_connections -= 1
+            breaker.released.unpark()
+            raise ConnectFailed(f"connect to {ep} failed: "
+                                f"{'timeout' if isinstance(exc, trio.TooSlowError) else exc}"
+                                ) from None
+        set_nodelay(stream)
+        if self.ssl_context is not None:
+            stream = trio.SSLStream(stream, self.ssl_context, server_hostname=ep.host)
+        self.opened += 1
+        return UpstreamConn(stream, ep, breaker), False
+
+    def _evict_idle(self, breaker: BreakerState) -> bool:
+        for conns in self._idle.values():
+            for i, conn in enumerate(conns):
+                if conn.breaker is breaker:
+                    del conns[i]
+                    conn.close()
+                    return True
+        return False
+
+    def release(self, conn: UpstreamConn, max_requests_per_connection: int) -> None:
+        if max_requests_per_connection and conn.requests >= max_requests_per_connection:
+            conn.close()
+            return
+        conn.idle_since = trio.current_time()
+        self._idle.setdefault(conn.endpoint, []).append(conn)
+        conn.breaker.released.unpark()
+
+    def close_all(self) -> None:
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()

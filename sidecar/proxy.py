@@ -1,0 +1,509 @@
+"""The HTTP/1.1 proxy: one task per downstream connection, no task per request.
+
+Per request, the layers run in this order, each a short block below:
+route (outbound: Host + match; inbound: the local app) -> fault (per try) ->
+retry (attempts, budget, backoff) -> timeout -> balance -> outlier -> pool.
+
+Timeouts: one CancelScope per connection whose deadline is moved per phase (idle,
+header read, upstream wait, streaming). A per-request `move_on_after` costs ~5 us
+and a task ~45 us (shared/FACTS.md); only a configured per-try timeout opens a scope
+per attempt. When the connection scope fires, the phase says what to answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Callable
+
+import trio
+
+from mesh.snapshot import Endpoint, Fault
+from sidecar import flags as F
+from sidecar.budget import backoff_delay
+from sidecar.cluster import ClusterState
+from sidecar.fault import decide
+from sidecar.http.codec import (
+    BODY,
+    END,
+    FRAME_CHUNKED,
+    FRAME_CLOSE,
+    FRAME_NONE,
+    HEAD,
+    LAST_CHUNK,
+    UPGRADE,
+    ProtocolError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    encode_chunk,
+    local_response,
+    request_head_bytes,
+    response_head_bytes,
+)
+from sidecar.pool import ConnectFailed, Overflow, Pool, UpstreamConn, set_nodelay
+from sidecar.route import CompiledRoute
+from sidecar.runtime import Runtime
+from sidecar.splice import splice
+from sidecar.stats import Stats
+
+log = logging.getLogger("mesh.sidecar")
+
+RECV = 65536
+RETRY_BUFFER = 65536  # bodies up to this size are kept so the request can be retried
+_IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+IDLE, HEADER, UPSTREAM, STREAMING, TUNNEL = range(5)
+
+
+class ClientGone(Exception):
+    pass
+
+
+class _Failure:
+    """An attempt that produced no usable upstream response."""
+
+    __slots__ = ("condition", "flag", "reason", "status")
+
+    def __init__(self, status: int, flag: str, reason: str, condition: str | None) -> None:
+        self.status = status
+        self.flag = flag
+        self.reason = reason
+        self.condition = condition  # retry_on condition it matches, if any
+
+
+class _Downstream:
+    __slots__ = ("delayed", "phase", "reader", "responded", "scope", "stream")
+
+    def __init__(self, stream: trio.SocketStream, reader: RequestReader,
+                 scope: trio.CancelScope) -> None:
+        self.stream = stream
+        self.reader = reader
+        self.scope = scope
+        self.phase = IDLE
+        self.responded = False
+        self.delayed = False
+
+    async def recv_into_reader(self) -> None:
+        data = await self.stream.receive_some(RECV)
+        if not data:
+            raise ClientGone
+        self.reader.feed(data)
+
+
+class HttpProxy:
+    """Serves one listener. `outbound`: the app's requests to other services;
+    otherwise inbound: other sidecars' requests to the local app."""
+
+    def __init__(self, listener: str, runtime: Callable[[], Runtime], pool: Pool, stats: Stats,
+                 service: str, rng: random.Random) -> None:
+        self.listener = listener
+        self.outbound = listener == "outbound"
+        self._runtime = runtime
+        self.pool = pool
+        self.stats = stats
+        self.service = service.encode()
+        self._rng = rng
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """Connection handler for trio.serve_listeners: never raises."""
+        self.stats.downstream_connections += 1
+        limits = self._runtime().limits
+        scope = trio.CancelScope()
+        c = _Downstream(stream, RequestReader(limits.max_header_bytes, limits.max_body_bytes),
+                        scope)
+        try:
+            set_nodelay(stream)
+            with scope:
+                try:
+                    await self._serve(c)
+                except ProtocolError as exc:
+                    await self._reply_error(c, exc.status, exc.flag, exc.reason)
+            if scope.cancelled_caught:
+                await self._on_timeout(c)
+        except (ClientGone, *_IO_ERRORS):
+            pass
+        except Exception:
+            # A bug must cost one connection, never the sidecar.
+            log.exception("%s: unexpected error on a connection", self.listener)
+        finally:
+            stream.socket.close()
+
+    async def _reply_error(self, c: _Downstream, status: int, flag: str, reason: str) -> None:
+        if c.responded:
+            return
+        self._count_local(status, flag)
+        c.responded = True
+        with trio.move_on_after(1):  # error path only: do not hang on a stuck client
+            await c.stream.send_all(local_response(status, flag, reason, keep_alive=False))
+
+    async def _on_timeout(self, c: _Downstream) -> None:
+        if c.phase == HEADER:
+            await self._reply_error(c, 408, F.DOWNSTREAM_TIMEOUT, "request header read timeout")
+        elif c.phase == UPSTREAM:
+            flag = F.UPSTREAM_TIMEOUT + ("," + F.FAULT_DELAY if c.delayed else "")
+            await self._reply_error(c, 504, flag, "upstream request timeout")
+
+    def _count_local(self, status: int, flag: str) -> None:
+        self.stats.responses[(self.listener, status)] += 1
+        self.stats.flags[(self.listener, flag)] += 1
+
+    # --- the request loop -------------------------------------------------------------
+
+    async def _serve(self, c: _Downstream) -> None:
+        events = c.reader.events
+        while True:
+            rt = self._runtime()
+            c.phase = IDLE
+            c.responded = False
+            c.delayed = False
+            c.scope.deadline = trio.current_time() + rt.limits.idle_timeout
+            if not events:
+                data = await c.stream.receive_some(RECV)
+                if not data:
+                    return
+                c.phase = HEADER
+                c.scope.deadline = trio.current_time() + rt.limits.header_timeout
+                c.reader.feed(data)
+                while not events:
+                    await c.recv_into_reader()
+            kind, value = events.popleft()
+            if kind != HEAD:  # bytes after an upgrade that was refused: give up on it
+                return
+            assert isinstance(value, RequestHead)
+            if not await self._request(c, rt, value):
+                return
+
+    async def _request(self, c: _Downstream, rt: Runtime, head: RequestHead) -> bool:
+        """Proxy one request; return whether the client connection stays open."""
+        rid = head.get(b"x-request-id")
+        extra: list[tuple[bytes, bytes]] = []
+        if rid is None:
+            rid = os.urandom(16).hex().encode()
+            extra.append((b"x-request-id", rid))
+        if self.outbound:
+            source: str | None = self.service.decode()
+            extra.append((b"x-mesh-source", self.service))
+            route = rt.router.find(head, source)
+            if route is None:
+                host = (head.get(b"host") or b"").decode("latin-1")
+                return await self._local(c, head, rid, 404, F.NO_ROUTE,
+                                         f"no route for host {host!r} path {head.path!r}",
+                                         not head.has_body)
+            fault = route.route.fault
+        else:
+            src = head.get(b"x-mesh-source")
+            source = src.decode("latin-1") if src is not None else None
+            route = rt.inbound_route
+            fault = rt.inbound_fault(head, source) if rt.inbound_faults else None
+        if head.get(b"expect") is not None:
+            # We read the whole body before the upstream answers, so say 100 ourselves.
+            head.headers = [(k, v) for k, v in head.headers if k != b"expect"]
+            await c.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+        cluster = route.cluster
+        breaker = cluster.breaker
+        if breaker.active_requests >= cluster.config.circuit_breaker.max_requests:
+            return await self._local(c, head, rid, 503, F.UPSTREAM_OVERFLOW,
+                                     f"cluster {cluster.config.name!r}: max_requests reached",
+                                     not head.has_body)
+        breaker.active_requests += 1
+        try:
+            return await self._forward(c, rt, head, route, cluster, fault, extra, rid)
+        finally:
+            breaker.active_requests -= 1
+
+    async def _forward(self, c: _Downstream, rt: Runtime, head: RequestHead,
+                       route: CompiledRoute, cluster: ClusterState, fault: Fault | None,
+                       extra: list[tuple[bytes, bytes]], rid: bytes) -> bool:
+        events = c.reader.events
+        body: bytes | None = b""
+        if head.chunked or (head.content_length or 0) > RETRY_BUFFER:
+            body = None  # streamed once; only a failure before sending it is retried
+        elif head.content_length:
+            parts = []
+            while True:
+                while not events:
+                    await c.recv_into_reader()
+                kind, value = events.popleft()
+                if kind == END:
+                    break
+                assert isinstance(value, bytes)
+                parts.append(value)
+            body = b"".join(parts)
+        elif not head.upgrade:
+            while not events:  # the END of a body-less request
+                await c.recv_into_reader()
+            events.popleft()
+        else:
+            if events and events[0][0] == END:
+                events.popleft()
+
+        policy = route.route.retries
+        cluster.budget.on_request()
+        c.phase = UPSTREAM
+        c.scope.deadline = trio.current_time() + route.route.timeout
+        head_bytes = request_head_bytes(head, extra, head.chunked)
+        attempt = 0
+        while True:
+            result = await self._attempt(c, head, head_bytes, body, route, cluster, fault)
+            if isinstance(result, _Failure):
+                status, condition = result.status, result.condition
+            else:
+                status, condition = result[1].status, None
+            retryable = (condition in policy.on if condition is not None
+                         else status in policy.statuses)
+            if retryable and attempt + 1 < policy.attempts and (body is not None or (
+                    isinstance(result, _Failure) and condition == "connect-failure")):
+                if cluster.budget.try_retry():
+                    if not isinstance(result, _Failure):
+                        result[0].close()  # the unread response body makes it unusable
+                    self.stats.retries += 1
+                    attempt += 1
+                    await trio.sleep(backoff_delay(policy.backoff, attempt - 1, self._rng))
+                    continue
+                self.stats.budget_exhausted += 1
+                if isinstance(result, _Failure):
+                    result.flag += "," + F.RETRY_EXHAUSTED
+                    result.reason += " (retry budget exhausted)"
+            elif retryable and isinstance(result, _Failure) and policy.attempts > 1:
+                result.flag += "," + F.RETRY_EXHAUSTED
+            break
+        if isinstance(result, _Failure):
+            keep = body is not None  # a streamed body may be half read
+            return await self._local(c, head, rid, result.status, result.flag,
+                                     result.reason, keep)
+        conn, resp = result
+        return await self._respond(c, head, conn, resp, cluster)
+
+    async def _attempt(self, c: _Downstream, head: RequestHead, head_bytes: bytes,
+                       body: bytes | None, route: CompiledRoute, cluster: ClusterState,
+                       fault: Fault | None) -> _Failure | tuple[UpstreamConn, ResponseHead]:
+        if fault is not None:
+            delay, abort = decide(fault, self._rng)
+            if delay:
+                c.delayed = True
+                await trio.sleep(delay)
+            if abort is not None:
+                return _Failure(abort, F.FAULT_ABORT, "fault injected: abort", None)
+        subset = route.pick_subset()
+        key = head.get(cluster.hash_header) if cluster.hash_header is not None else None
+        ep = cluster.pick(subset, key)
+        if ep is None:
+            return _Failure(503, F.NO_HEALTHY_UPSTREAM,
+                            f"no healthy endpoint in {cluster.config.name}/{subset}", None)
+        health = cluster.health[ep]
+        health.active += 1
+        try:
+            per_try = route.route.retries.per_try_timeout
+            if per_try is None:
+                out = await self._exchange(c, head, head_bytes, body, cluster, ep)
+            else:
+                out = _Failure(504, F.UPSTREAM_TIMEOUT, f"per-try timeout from {ep}", "timeout")
+                with trio.move_on_after(per_try):
+                    out = await self._exchange(c, head, head_bytes, body, cluster, ep)
+        finally:
+            health.active -= 1
+        if isinstance(out, _Failure):
+            if out.flag != F.UPSTREAM_OVERFLOW and cluster.outlier.on_failure(ep):
+                self.stats.ejections += 1
+                log.warning("ejected %s from cluster %s", ep, cluster.config.name)
+        elif out[1].status >= 500:
+            if cluster.outlier.on_failure(ep):
+                self.stats.ejections += 1
+                log.warning("ejected %s from cluster %s (5xx)", ep, cluster.config.name)
+        else:
+            cluster.outlier.on_success(ep)
+        return out
+
+    async def _exchange(self, c: _Downstream, head: RequestHead, head_bytes: bytes,
+                        body: bytes | None, cluster: ClusterState,
+                        ep: Endpoint) -> _Failure | tuple[UpstreamConn, ResponseHead]:
+        fresh = False
+        while True:
+            try:
+                conn, reused = await self.pool.acquire(ep, cluster, fresh)
+            except ConnectFailed as exc:
+                return _Failure(503, F.UPSTREAM_CONNECT_FAILURE, str(exc), "connect-failure")
+            except Overflow as exc:
+                return _Failure(503, F.UPSTREAM_OVERFLOW,
+                                f"cluster {cluster.config.name!r}: {exc}", None)
+            if not reused:
+                self.stats.upstream_connections += 1
+            try:
+                if body is not None:
+                    await conn.stream.send_all(head_bytes + body if body else head_bytes)
+                else:
+                    await conn.stream.send_all(head_bytes)
+                    await self._stream_request_body(c, conn, head.chunked)
+                resp = await self._read_head(c, conn, head)
+                return conn, resp
+            except ProtocolError as exc:
+                conn.close()
+                if exc.flag == F.DOWNSTREAM_PROTOCOL_ERROR:
+                    raise
+                return _Failure(502, exc.flag, f"{exc.reason} from {ep}", None)
+            except (*_IO_ERRORS, _UpstreamClosed) as exc:
+                conn.close()
+                no_bytes = not isinstance(exc, _UpstreamClosed) or exc.no_bytes
+                if reused and body is not None and no_bytes:
+                    fresh = True  # a stale pooled connection: once more on a new one
+                    continue
+                return _Failure(503, F.UPSTREAM_RESET, f"connection to {ep} reset", "reset")
+            except BaseException:
+                conn.close()
+                raise
+
+    async def _stream_request_body(self, c: _Downstream, conn: UpstreamConn,
+                                   chunked: bool) -> None:
+        events = c.reader.events
+        send = conn.stream.send_all
+        while True:
+            if not events:
+                try:
+                    await c.recv_into_reader()
+                except ClientGone:
+                    raise
+                continue
+            kind, value = events.popleft()
+            if kind == BODY:
+                assert isinstance(value, bytes)
+                await send(encode_chunk(value) if chunked else value)
+            elif kind == END:
+                if chunked:
+                    await send(LAST_CHUNK)
+                return
+
+    async def _read_head(self, c: _Downstream, conn: UpstreamConn,
+                         head: RequestHead) -> ResponseHead:
+        reader = conn.reader
+        if head.method == b"HEAD":
+            reader.expect_head_response()
+        events = reader.events
+        got_bytes = False
+        while True:
+            while not events:
+                data = await conn.stream.receive_some(RECV)
+                if not data:
+                    raise _UpstreamClosed(not got_bytes)
+                got_bytes = True
+                reader.feed(bytes(data))
+            kind, value = events.popleft()
+            if kind != HEAD:
+                raise ProtocolError(502, F.UPSTREAM_PROTOCOL_ERROR, "unexpected upstream data")
+            assert isinstance(value, ResponseHead)
+            if 100 <= value.status < 200 and value.status != 101:
+                if events and events[0][0] == END:
+                    events.popleft()
+                continue  # 100 Continue was already sent by us; drop interim responses
+            return value
+
+    # --- responses --------------------------------------------------------------------
+
+    async def _respond(self, c: _Downstream, head: RequestHead, conn: UpstreamConn,
+                       resp: ResponseHead, cluster: ClusterState) -> bool:
+        reader = conn.reader
+        events = reader.events
+        status = resp.status
+        no_body = head.method == b"HEAD" or status in (204, 304)
+        until_close = not no_body and resp.content_length is None and not resp.chunked \
+            and status != 101
+        http11 = head.version == "1.1"
+        if no_body or resp.content_length is not None or status == 101:
+            framing = FRAME_NONE
+        elif http11:
+            framing = FRAME_CHUNKED
+        else:
+            framing = FRAME_CLOSE
+        keep = head.keep_alive and framing != FRAME_CLOSE and not head.upgrade
+        self.stats.responses[(self.listener, status)] += 1
+        c.responded = True
+        c.phase = STREAMING
+        c.scope.deadline = trio.current_time() + self._runtime().limits.stream_timeout
+        out = [response_head_bytes(resp, framing, keep)]
+        done = False
+        upgraded = b""
+        try:
+            while True:
+                while events:
+                    kind, value = events.popleft()
+                    if kind == BODY:
+                        assert isinstance(value, bytes)
+                        out.append(encode_chunk(value) if framing == FRAME_CHUNKED else value)
+                    elif kind == END:
+                        done = True
+                        break
+                    elif kind == UPGRADE:
+                        assert isinstance(value, bytes)
+                        upgraded = value
+                        done = True
+                        break
+                if status == 101 and not done:
+                    done = True  # no UPGRADE event: nothing after the head yet
+                if done:
+                    if framing == FRAME_CHUNKED:
+                        out.append(LAST_CHUNK)
+                    await c.stream.send_all(b"".join(out))
+                    break
+                await c.stream.send_all(b"".join(out) if len(out) > 1 else out[0])
+                out = []
+                data = await conn.stream.receive_some(RECV)
+                if not data:
+                    if until_close:
+                        done = True
+                        continue
+                    # Truncated upstream body: the client must see a broken message.
+                    conn.close()
+                    return False
+                reader.feed(bytes(data))
+        except ProtocolError:
+            conn.close()
+            return False
+        except BaseException:
+            conn.close()
+            raise
+        if status == 101:
+            await self._tunnel(c, conn, upgraded)
+            return False
+        conn.requests += 1
+        if resp.keep_alive and not until_close and not events and not head.upgrade:
+            if head.method == b"HEAD":
+                conn.reader = type(reader)()  # llhttp cannot reuse a parser after HEAD
+            self.pool.release(conn, cluster.config.circuit_breaker.max_requests_per_connection)
+        else:
+            conn.close()
+        return keep
+
+    async def _tunnel(self, c: _Downstream, conn: UpstreamConn, upstream_rest: bytes) -> None:
+        c.phase = TUNNEL
+        c.scope.deadline = math.inf
+        try:
+            events = c.reader.events
+            while events:
+                kind, value = events.popleft()
+                if kind == UPGRADE and isinstance(value, bytes) and value:
+                    await conn.stream.send_all(value)
+            if upstream_rest:
+                await c.stream.send_all(upstream_rest)
+            await splice(c.stream, conn.stream)
+        finally:
+            conn.close()
+
+    async def _local(self, c: _Downstream, head: RequestHead, rid: bytes, status: int,
+                     flag: str, reason: str, keep: bool = True) -> bool:
+        # Callers pass keep=False when the request body was not read: it would be
+        # taken for the next request.
+        keep = keep and head.keep_alive and not head.upgrade
+        self._count_local(status, flag)
+        c.responded = True
+        await c.stream.send_all(local_response(status, flag, reason, rid, keep,
+                                               head_only=head.method == b"HEAD"))
+        return keep
+
+
+class _UpstreamClosed(Exception):
+    def __init__(self, no_bytes: bool) -> None:
+        super().__init__("upstream closed the connection")
+        self.no_bytes = no_bytes

@@ -1,0 +1,147 @@
+"""One sidecar process: listeners, snapshot reloads, and the admin endpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mesh.errors import ConfigError
+from mesh.snapshot import Snapshot, load_snapshot
+from sidecar.admin import AdminServer
+from sidecar.pool import Pool
+from sidecar.proxy import HttpProxy
+from sidecar.runtime import Runtime
+from sidecar.stats import Stats
+from sidecar.tcp_proxy import TcpListener
+
+log = logging.getLogger("mesh.sidecar")
+
+
+@dataclass(frozen=True)
+class SidecarOptions:
+    service: str
+    version: str
+    app_port: int
+    config: Path
+    outbound_port: int = 15001
+    inbound_port: int = 15006
+    admin_port: int = 15000
+    inbound_host: str = "127.0.0.1"  # other hosts' sidecars need 0.0.0.0
+    watch_interval: float = 1.0
+
+
+def check_snapshot(snapshot: Snapshot, opts: SidecarOptions) -> None:
+    if snapshot.service is not None and snapshot.service != opts.service:
+        raise ConfigError(f"{opts.config}: service: snapshot is for {snapshot.service!r}, "
+                          f"this sidecar runs {opts.service!r}")
+
+
+class Sidecar:
+    def __init__(self, opts: SidecarOptions, snapshot: Snapshot) -> None:
+        check_snapshot(snapshot, opts)
+        self.opts = opts
+        self.stats = Stats()
+        self._rng = random.Random()
+        self._runtime = Runtime(snapshot, opts.app_port, self._rng, time.monotonic)
+        self.stats.snapshot_version = snapshot.version
+        self.stats.reloads_ok = 1
+        self.pool = Pool()
+        self.ports: dict[str, Any] = {}
+        self.ready = False
+        self.loaded_at = time.time()
+        self._mtime = self._stat()
+
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.opts.config)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def reload(self) -> bool:
+        """Load the file again; on any error keep the running snapshot and say why."""
+        try:
+            snapshot = load_snapshot(self.opts.config)
+            check_snapshot(snapshot, self.opts)
+        except ConfigError as exc:
+            self.stats.reloads_failed += 1
+            log.error("snapshot refused, keeping version %s: %s",
+                      self._runtime.snapshot.version, exc)
+            return False
+        self._runtime = Runtime(snapshot, self.opts.app_port, self._rng, time.monotonic,
+                                previous=self._runtime)
+        self.stats.reloads_ok += 1
+        self.stats.snapshot_version = snapshot.version
+        self.loaded_at = time.time()
+        log.warning("snapshot version %s loaded", snapshot.version)
+        return True
+
+    def config_dump(self) -> dict[str, Any]:
+        rt = self._runtime
+        return {
+            "service": self.opts.service, "version": self.opts.version,
+            "listeners": self.ports, "loaded_at": self.loaded_at,
+            "reloads": {"ok": self.stats.reloads_ok, "failed": self.stats.reloads_failed},
+            "ejected": {name: [str(ep) for ep, h in c.health.items()
+                               if h.ejected_until > time.monotonic()]
+                        for name, c in rt.clusters.items()},
+            "snapshot": rt.snapshot.to_dict(),
+        }
+
+    async def _watch_file(self) -> None:
+        while True:
+            await trio.sleep(self.opts.watch_interval)
+            current = self._stat()
+            if current is not None and current != self._mtime:
+                self._mtime = current
+                self.reload()
+
+    async def run(self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        o = self.opts
+        outbound = HttpProxy("outbound", self.runtime, self.pool, self.stats, o.service, self._rng)
+        inbound = HttpProxy("inbound", self.runtime, self.pool, self.stats, o.service, self._rng)
+        admin = AdminServer(self.stats, self.config_dump, lambda: self.ready)
+        try:
+            async with trio.open_nursery() as nursery:
+                ports: dict[str, Any] = {}
+                for name, port, host, handler in (
+                    ("outbound", o.outbound_port, "127.0.0.1", outbound.handle),
+                    ("inbound", o.inbound_port, o.inbound_host, inbound.handle),
+                    ("admin", o.admin_port, "127.0.0.1", admin.handle),
+                ):
+                    ports[name] = await self._listen(nursery, name, host, port, handler)
+                tcp_ports: dict[str, int] = {}
+                for t in self._runtime.snapshot.tcp:
+                    listener = TcpListener(t, self.runtime)
+                    tcp_ports[t.name] = await self._listen(nursery, f"tcp {t.name}", "127.0.0.1",
+                                                           t.port, listener.handle)
+                ports["tcp"] = tcp_ports
+                self.ports = ports
+                nursery.start_soon(self._watch_file)
+                self.ready = True
+                task_status.started(ports)
+        finally:
+            self.pool.close_all()
+
+    async def _listen(self, nursery: trio.Nursery, name: str, host: str, port: int,
+                      handler: Any) -> int:
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+        except OSError as exc:
+            raise ConfigError(f"{name} listener: cannot bind {host}:{port}: {exc.strerror}"
+                              ) from None
+        nursery.start_soon(trio.serve_listeners, handler, listeners)
+        sock = listeners[0].socket
+        bound: int = sock.getsockname()[1]
+        return bound

@@ -403,6 +403,12 @@ def load_ca(
     ):
         raise CaLoadError(f"CA key type {type(key).__name__} is not supported")
     ca_cert, rest = certs[0], list(certs[1:])
+    if not is_ca_certificate(ca_cert):
+        shown = ca_cert.subject.rfc4514_string() or "empty subject"
+        raise CaLoadError(
+            f"first certificate in the CA file ({shown}) is not a CA (needs BasicConstraints "
+            "CA=true and keyCertSign)"
+        )
     for child, parent in itertools.pairwise(certs):
         try:
             child.verify_directly_issued_by(parent)

@@ -1,0 +1,232 @@
+"""HTTP/1.1 framing and abuse against a real sidecar's inbound listener (-> real app)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sidecar_helpers import Procs, Sidecar, raw_exchange, request, snapshot
+
+LIMITS = {"max_header_bytes": 2048, "max_body_bytes": 1_000_000, "header_timeout": 0.5}
+
+
+@pytest.fixture(scope="module")
+def side(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
+    procs = Procs(Path(tmp_path_factory.mktemp("proto")))
+    try:
+        app = procs.app("app")
+        yield procs.sidecar("app", "v1", app, snapshot(limits=LIMITS))
+    finally:
+        procs.close()
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sidecar]:
+    procs = Procs(Path(tmp_path_factory.mktemp("big")))
+    try:
+        app = procs.app("app")
+        yield procs.sidecar("app", "v1", app, snapshot())
+    finally:
+        procs.close()
+
+
+def _status(reply: bytes) -> int:
+    return int(reply.split(b" ", 2)[1])
+
+
+def _header(reply: bytes, name: bytes) -> bytes | None:
+    head = reply.split(b"\r\n\r\n", 1)[0]
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == name:
+            return v.strip()
+    return None
+
+
+@pytest.mark.parametrize("data", [
+    b"GARBAGE\r\n\r\n",
+    b"GET / HTTP/9.9\r\n\r\n",
+    b"GET /\x00 HTTP/1.1\r\nhost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
+    b"GET / HTTP/1.1\r\nhost: a\r\ncontent-length: x\r\n\r\n",
+    b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n",
+])
+def test_malformed_request_gets_400_and_close(side: Sidecar, data: bytes) -> None:
+    reply = raw_exchange(side.inbound, data)  # returns only once the sidecar closes
+    assert _status(reply) == 400
+    assert _header(reply, b"x-mesh-flags") == b"DPE"
+    assert _header(reply, b"connection") == b"close"
+
+
+def test_header_block_over_limit_gets_431(side: Sidecar) -> None:
+    data = b"GET / HTTP/1.1\r\nhost: a\r\nx-big: " + b"a" * 4000 + b"\r\n\r\n"
+    assert _status(raw_exchange(side.inbound, data)) == 431
+    # Also when the oversized head trickles in without ever ending.
+    with socket.create_connection(("127.0.0.1", side.inbound), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n")
+        for _ in range(10):
+            try:
+                s.sendall(b"x-h: " + b"b" * 500 + b"\r\n")
+            except OSError:
+                break
+        assert _status(s.recv(65536)) == 431
+
+
+def test_body_over_limit_gets_413(side: Sidecar) -> None:
+    reply = raw_exchange(side.inbound, b"POST /count HTTP/1.1\r\nhost: a\r\n"
+                         b"content-length: 2000000\r\n\r\n")
+    assert _status(reply) == 413
+    chunked = b"POST /count HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n" + (
+        b"10000\r\n" + b"a" * 0x10000 + b"\r\n") * 20 + b"0\r\n\r\n"
+    assert _status(raw_exchange(side.inbound, chunked)) == 413
+
+
+def test_invalid_chunked_encoding_gets_400(side: Sidecar) -> None:
+    data = (b"POST /count HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"zz\r\nhello\r\n0\r\n\r\n")
+    assert _status(raw_exchange(side.inbound, data)) == 400
+
+
+def test_slow_client_header_timeout(side: Sidecar) -> None:
+    t0 = time.monotonic()
+    reply = raw_exchange(side.inbound, b"GET / HTTP/1.1\r\nhost: a\r\n", timeout=5)
+    assert _status(reply) == 408
+    assert _header(reply, b"x-mesh-flags") == b"DT"
+    assert time.monotonic() - t0 < 4  # the 0.5 s limit, not our 5 s read timeout
+
+
+def test_upstream_garbage_gets_502(side: Sidecar) -> None:
+    status, headers, _ = request(side.inbound, "/garbage")
+    assert status == 502
+    assert headers["x-mesh-flags"] == "UPE"
+
+
+def test_truncated_upstream_body_breaks_the_client_message(side: Sidecar) -> None:
+    with pytest.raises(http.client.IncompleteRead):
+        request(side.inbound, "/truncate")
+    assert request(side.inbound, "/anything")[0] == 200  # and the sidecar is fine
+
+
+def test_keep_alive_reuses_both_connections(side: Sidecar) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", side.inbound, timeout=5)
+    try:
+        ports = set()
+        for _ in range(20):
+            status, _, body = request(side.inbound, "/anything", conn=conn)
+            assert status == 200
+            ports.add(conn.sock.getsockname()[1])
+        assert len(ports) == 1
+    finally:
+        conn.close()
+    # 20 requests did not open 20 upstream connections.
+    _, metrics = side.admin_get("/metrics")
+    line = next(x for x in metrics.decode().splitlines()
+                if x.startswith("mesh_sidecar_upstream_connections_total "))
+    assert float(line.split()[1]) < 10
+
+
+def test_pipelined_requests_answered_in_order(side: Sidecar) -> None:
+    reqs = b"".join(b"GET /anything?n=%d HTTP/1.1\r\nhost: a\r\n\r\n" % i for i in range(5))
+    reqs += b"GET /anything?n=last HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", side.inbound), timeout=5) as s:
+        s.sendall(reqs)
+        f = s.makefile("rb")
+        paths = []
+        for _ in range(6):
+            assert f.readline().startswith(b"HTTP/1.1 200")
+            length = 0
+            while (line := f.readline()) != b"\r\n":
+                k, _, v = line.partition(b":")
+                if k.lower() == b"content-length":
+                    length = int(v)
+            paths.append(json.loads(f.read(length))["path"])
+    assert paths == [*(f"/anything?n={i}" for i in range(5)), "/anything?n=last"]
+
+
+def test_head_204_304_framing(side: Sidecar) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", side.inbound, timeout=5)
+    try:
+        status, headers, body = request(side.inbound, "/bytes/1000", method="HEAD", conn=conn)
+        assert (status, headers["content-length"], body) == (200, "1000", b"")
+        assert request(side.inbound, "/204", conn=conn)[0::2] == (204, b"")
+        assert request(side.inbound, "/304", conn=conn)[0::2] == (304, b"")
+        # The connection is still in sync after each body-less response.
+        status, _, body = request(side.inbound, "/anything", conn=conn)
+        assert status == 200 and json.loads(body)["path"] == "/anything"
+    finally:
+        conn.close()
+
+
+def test_chunked_and_close_delimited_responses(side: Sidecar) -> None:
+    status, headers, body = request(side.inbound, "/bytes/100000?chunked=1")
+    assert status == 200 and len(body) == 100000 and headers["transfer-encoding"] == "chunked"
+    status, headers, body = request(side.inbound, "/close/5000")
+    assert status == 200 and body == b"z" * 5000
+    assert headers["transfer-encoding"] == "chunked"  # re-framed for an HTTP/1.1 client
+
+
+def test_chunked_request_body(side: Sidecar) -> None:
+    data = (b"POST /count HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n"
+            b"connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    reply = raw_exchange(side.inbound, data)
+    assert _status(reply) == 200
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["received"] == 11
+
+
+def test_websocket_style_upgrade_is_tunnelled(side: Sidecar) -> None:
+    with socket.create_connection(("127.0.0.1", side.inbound), timeout=5) as s:
+        s.sendall(b"GET /echo-upgrade HTTP/1.1\r\nhost: a\r\nconnection: Upgrade\r\n"
+                  b"upgrade: websocket\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert _status(head) == 101
+        assert (_header(head, b"upgrade") or b"").lower() == b"websocket"
+        for msg in (b"hello", b"\x00\x01binary\xff" * 100):
+            s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                got += s.recv(65536)
+            assert got == msg
+
+
+def test_expect_100_continue(side: Sidecar) -> None:
+    with socket.create_connection(("127.0.0.1", side.inbound), timeout=5) as s:
+        s.sendall(b"POST /count HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\n"
+                  b"expect: 100-continue\r\nconnection: close\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(b"hello")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["received"] == 5
+
+
+def test_large_bodies_stream_with_bounded_memory(big: Sidecar) -> None:
+    size = 200 * 1024 * 1024
+    before = big.rss_kb()
+    with socket.create_connection(("127.0.0.1", big.inbound), timeout=30) as s:
+        s.sendall(b"POST /count HTTP/1.1\r\nhost: a\r\ncontent-length: %d\r\n\r\n" % size)
+        block = b"u" * (1 << 20)
+        for _ in range(size // len(block)):
+            s.sendall(block)
+        resp = http.client.HTTPResponse(s)
+        resp.begin()
+        assert json.loads(resp.read())["received"] == size
+    conn = http.client.HTTPConnection("127.0.0.1", big.inbound, timeout=30)
+    try:
+        conn.request("GET", f"/bytes/{size}")
+        resp = conn.getresponse()
+        got = 0
+        while chunk := resp.read(1 << 20):
+            got += len(chunk)
+        assert resp.status == 200 and got == size
+    finally:
+        conn.close()
+    # Peak RSS grew by far less than one body: nothing was buffered whole.
+    assert big.hwm_kb() - before < 40 * 1024, (before, big.hwm_kb())

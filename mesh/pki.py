@@ -62,7 +62,13 @@ from mesh.pki_errors import (
 from mesh.pki_renew import renewal_time, retry_delay
 from mesh.pki_seal import seal, seal_ca, unseal, unseal_ca
 from mesh.pki_svid import IssuedSvid, Svid
-from mesh.pki_tls import client_context, handshake_and_check, load_svid_into, server_context
+from mesh.pki_tls import (
+    classify_tls_failure,
+    client_context,
+    handshake_and_check,
+    load_svid_into,
+    server_context,
+)
 from mesh.pki_verify import check_peer_leaf, spiffe_id_of, verify_svid
 from mesh.spiffe import SpiffeId, parse_spiffe_id
 
@@ -98,6 +104,7 @@ __all__ = [
     "build_csr",
     "check_csr",
     "check_peer_leaf",
+    "classify_tls_failure",
     "client_context",
     "fingerprint",
     "generate_intermediate",

@@ -32,11 +32,25 @@ from datetime import datetime
 import trio
 
 from mesh.pki_bundle import TrustBundle
+from mesh.pki_errors import (
+    BadChain,
+    CertExpired,
+    CertificateRefused,
+    CertNotYetValid,
+    NotAnSvid,
+    UnknownIssuer,
+)
 from mesh.pki_svid import Svid
 from mesh.pki_verify import check_peer_leaf
 from mesh.spiffe import SpiffeId
 
-__all__ = ["client_context", "handshake_and_check", "load_svid_into", "server_context"]
+__all__ = [
+    "classify_tls_failure",
+    "client_context",
+    "handshake_and_check",
+    "load_svid_into",
+    "server_context",
+]
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -142,3 +156,41 @@ async def handshake_and_check(
         expected=expected,
         now=now,
     )
+
+
+# OpenSSL X509_V_ERR_* codes -> our refusal classes, so a handshake refused by OpenSSL is logged
+# with the same flag as one refused by ``verify_svid``.
+_VERIFY_CODES: dict[int, type[CertificateRefused]] = {
+    2: UnknownIssuer,  # UNABLE_TO_GET_ISSUER_CERT
+    7: UnknownIssuer,  # CERT_SIGNATURE_FAILURE (forged)
+    9: CertNotYetValid,  # CERT_NOT_YET_VALID
+    10: CertExpired,  # CERT_HAS_EXPIRED
+    18: UnknownIssuer,  # DEPTH_ZERO_SELF_SIGNED_CERT
+    19: UnknownIssuer,  # SELF_SIGNED_CERT_IN_CHAIN
+    20: UnknownIssuer,  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+    21: UnknownIssuer,  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    24: BadChain,  # INVALID_CA
+    25: BadChain,  # PATH_LENGTH_EXCEEDED
+    26: NotAnSvid,  # INVALID_PURPOSE (no clientAuth/serverAuth EKU)
+}
+
+
+def classify_tls_failure(exc: BaseException) -> CertificateRefused | None:
+    """Map a failed handshake (e.g. ``trio.BrokenResourceError`` whose cause is an
+    ``ssl.SSLCertVerificationError``) to the typed refusal, for the log flag and metrics.
+
+    Returns None when the failure is not about the peer's certificate (a reset, a timeout).
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, CertificateRefused):
+            return cur
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            cls = _VERIFY_CODES.get(cur.verify_code, CertificateRefused)
+            return cls(f"peer certificate refused by TLS: {cur.verify_message}")
+        if isinstance(cur, ssl.SSLError) and "PEER_DID_NOT_RETURN_A_CERTIFICATE" in str(cur):
+            return NotAnSvid("peer presented no client certificate (STRICT mTLS requires one)")
+        cur = cur.__cause__ or cur.__context__
+    return None

@@ -6,7 +6,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from pki_helpers import issue
 
-from mesh import pki
+from mesh import pki, pki_seal
 from mesh.spiffe import SpiffeId
 
 SECRET = "correct horse battery staple"
@@ -34,13 +34,14 @@ def test_altered_blob_fails(ca: pki.CertificateAuthority) -> None:
     blob[-5] ^= 0xFF  # in the ciphertext
     with pytest.raises(pki.SealError, match="altered"):
         pki.unseal_ca(bytes(blob), SECRET)
-    # Swapping the public part (e.g. another CA's certificate) breaks the binding too.
+    # Pairing our sealed key with another CA's public part (certificate) breaks the binding.
     other = pki.generate_root(ca.trust_domain)
     mine, theirs = pki.seal_ca(ca, SECRET), pki.seal_ca(other, SECRET)
-    assert len(mine) == len(theirs)  # same layout: the halves line up
-    tampered = theirs[: len(theirs) // 2] + mine[len(mine) // 2 :]
-    with pytest.raises(pki.SealError):
-        pki.unseal_ca(tampered, SECRET)
+    magic = b"TMCA1"
+    _, sealed_mine = pki_seal._unpack(mine[len(magic) :], 2)
+    public_theirs, _ = pki_seal._unpack(theirs[len(magic) :], 2)
+    with pytest.raises(pki.SealError, match="wrong operator secret, or the blob was altered"):
+        pki.unseal_ca(magic + pki_seal._pack(public_theirs, sealed_mine), SECRET)
     with pytest.raises(pki.SealError, match="bad header"):
         pki.unseal_ca(b"nonsense", SECRET)
 

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import (
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.pki_bundle import TrustBundle, is_ca_certificate
-from mesh.pki_csr import ALLOWED_CURVES, check_csr
+from mesh.pki_csr import ALLOWED_CURVES, checked_csr_key
 from mesh.pki_errors import CaLoadError, CsrWrongIdentity
 from mesh.pki_svid import IssuedSvid
 from mesh.spiffe import SCHEME_PREFIX, SpiffeId, validate_trust_domain
@@ -232,9 +232,7 @@ class CertificateAuthority:
             raise CsrWrongIdentity(
                 f"{identity} is outside this CA's trust domain {self.trust_domain!r}"
             )
-        req = check_csr(csr, identity, allowed_curves=self.allowed_curves)
-        pub = req.public_key()
-        assert isinstance(pub, ec.EllipticCurvePublicKey)  # check_csr guarantees it
+        _, pub = checked_csr_key(csr, identity, allowed_curves=self.allowed_curves)
         return self.issue(identity, pub, ttl=ttl, now=now)
 
     def issue(

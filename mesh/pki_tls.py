@@ -28,6 +28,7 @@ import os
 import ssl
 import tempfile
 from datetime import datetime
+from typing import TypeVar
 
 import trio
 
@@ -51,6 +52,8 @@ __all__ = [
     "load_svid_into",
     "server_context",
 ]
+
+_S = TypeVar("_S", bound=trio.abc.Stream)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -138,7 +141,7 @@ def client_context(
 
 
 async def handshake_and_check(
-    stream: trio.SSLStream[trio.abc.Stream],
+    stream: trio.SSLStream[_S],
     *,
     trust_domain: str,
     expected: SpiffeId | None = None,

@@ -236,6 +236,9 @@ class _Node:
     def mapping(self) -> Mapping[str, Any]:
         if not isinstance(self.value, Mapping):
             raise self.fail(f"expected a mapping, got {_kind(self.value)}")
+        if any(k is True for k in self.value):
+            # YAML 1.1 reads a bare `on:` key as the boolean true.
+            self.value = {("on" if k is True else k): v for k, v in self.value.items()}
         return self.value
 
     def check_keys(self, allowed: tuple[str, ...]) -> None:

@@ -74,13 +74,24 @@ def run(args: argparse.Namespace) -> int:
     except MeshError:
         raise
     except BaseExceptionGroup as group:
-        # A bind failure raised inside the nursery arrives wrapped in a group.
-        mesh_errors, _ = group.split(MeshError)
-        if mesh_errors is not None:
-            raise mesh_errors.exceptions[0] from None
+        # A bind failure raised inside a nursery arrives wrapped in (nested) groups.
+        leaf = _first_mesh_error(group)
+        if leaf is not None:
+            raise leaf from None
         raise
     print(json.dumps({"event": "stopped"}), file=sys.stderr, flush=True)
     return 0
+
+
+def _first_mesh_error(exc: BaseException) -> MeshError | None:
+    if isinstance(exc, MeshError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_mesh_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def _pid() -> int:

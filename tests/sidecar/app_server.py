@@ -78,16 +78,16 @@ class Handler(BaseHTTPRequestHandler):
             total += len(got)
         return total
 
-    def do_GET(self) -> None:  # noqa: N802 (stdlib naming)
+    def do_GET(self) -> None:
         self._route()
 
-    do_HEAD = do_GET  # noqa: N815
-    do_DELETE = do_GET  # noqa: N815
+    do_HEAD = do_GET
+    do_DELETE = do_GET
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._route()
 
-    do_PUT = do_POST  # noqa: N815
+    do_PUT = do_POST
 
     def _route(self) -> None:
         path = self.path.split("?")[0]

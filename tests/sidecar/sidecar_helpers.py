@@ -54,7 +54,7 @@ class Procs:
 
     def spawn(self, cmd: list[str]) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
         self.count += 1
-        err = open(self.tmp / f"proc{self.count}.stderr", "wb")  # noqa: SIM115
+        err = open(self.tmp / f"proc{self.count}.stderr", "wb")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=HERE.parent.parent)
         err.close()
         self.procs.append(proc)

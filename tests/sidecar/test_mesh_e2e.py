@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from sidecar_helpers import Procs, Sidecar, request, snapshot
 
 
@@ -138,7 +137,7 @@ def test_abort_fault_masked_by_client_retries(mesh: Mesh) -> None:
     results = _many(mesh.client.outbound, n, "ratings")
     assert Counter(s for s, _, _ in results) == {200: n}
     # The retries were real: the client sidecar counted them.
-    status, metrics = mesh.client.admin_get("/metrics")
+    _status, metrics = mesh.client.admin_get("/metrics")
     retries = _metric(metrics, "mesh_sidecar_retries_total")
     assert retries > 0 and _within(int(retries), n, 0.05 / 0.95, sigmas=6)
 

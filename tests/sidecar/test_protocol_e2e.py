@@ -117,7 +117,7 @@ def test_keep_alive_reuses_both_connections(side: Sidecar) -> None:
     try:
         ports = set()
         for _ in range(20):
-            status, _, body = request(side.inbound, "/anything", conn=conn)
+            status, _, _body = request(side.inbound, "/anything", conn=conn)
             assert status == 200
             ports.add(conn.sock.getsockname()[1])
         assert len(ports) == 1

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mesh.errors import MeshError
 from mesh.pki_errors import SpiffeIdError
@@ -57,3 +59,22 @@ def test_constructor_validates() -> None:
         SpiffeId("example.org", "shop", "bad/name")
     with pytest.raises(SpiffeIdError, match=r"limit is 2048|longer than 2048"):
         parse_spiffe_id("spiffe://example.org/ns/a/sa/" + "b" * 3000)
+
+
+_td = st.from_regex(r"[a-z0-9._-]{1,40}", fullmatch=True)
+_seg = st.from_regex(r"[A-Za-z0-9._-]{1,40}", fullmatch=True).filter(lambda s: s not in (".", ".."))
+
+
+@given(_td, _seg, _seg)
+def test_any_valid_id_round_trips(td: str, ns: str, sa: str) -> None:
+    ident = SpiffeId(td, ns, sa)
+    assert parse_spiffe_id(ident.uri) == ident
+    assert parse_spiffe_id(ident.uri, trust_domain=td).uri == ident.uri
+
+
+@given(st.text(max_size=80))
+def test_parser_never_crashes_with_anything_but_spiffe_id_error(text: str) -> None:
+    try:
+        parse_spiffe_id(text)
+    except SpiffeIdError:
+        pass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import trio
@@ -208,3 +208,25 @@ async def test_client_without_certificate_refused_in_strict_mode(
     seen = result["server"]
     assert isinstance(seen, trio.BrokenResourceError)
     assert isinstance(pki.classify_tls_failure(seen), pki.NotAnSvid)
+
+
+async def test_not_yet_valid_client_refused(
+    ca: pki.CertificateAuthority, checkout: SpiffeId, inventory: SpiffeId
+) -> None:
+    future = issue(ca, checkout, now=datetime.now(UTC) + timedelta(hours=2))
+    seen, _ = await _run(issue(ca, inventory), future, ca.bundle, expect_server=inventory)
+    assert isinstance(seen, trio.BrokenResourceError)
+    assert isinstance(pki.classify_tls_failure(seen), pki.CertNotYetValid)
+
+
+async def test_trusted_chain_but_foreign_trust_domain_refused_after_handshake(
+    ca: pki.CertificateAuthority, inventory: SpiffeId
+) -> None:
+    # OpenSSL accepts the chain (our root signed it), only the SPIFFE check can refuse it:
+    # this is why both ends must call check_peer_leaf / handshake_and_check.
+    foreign = SpiffeId("other.org", "shop", "checkout")
+    key = pki.generate_key()
+    svid = pki.Svid(ca.issue(foreign, key.public_key()), key)
+    seen, _ = await _run(issue(ca, inventory), svid, ca.bundle, expect_server=inventory)
+    assert isinstance(seen, pki.WrongTrustDomain)
+    assert pki.classify_tls_failure(seen) is seen

@@ -1,0 +1,269 @@
+"""Data-plane benchmark: direct vs 1 hop vs 2 hops through the sidecar, against HAProxy.
+
+Everything runs on loopback and is started (and stopped) by this script: an nginx
+upstream serving 1 KB responses, `mesh sidecar` processes with routing and retries on,
+and HAProxy (Debian package) as the reference proxy. Load comes from `wrk -t1`.
+
+    apt-get install -y wrk haproxy nginx
+    .venv/bin/python bench/dataplane.py            # 5 s per point, ~90 s
+    .venv/bin/python bench/dataplane.py --quick    # 2 s per point
+
+Reported per setup and concurrency: rps, p50/p90/p99, added p50 latency per hop at
+c=1 versus direct, and proxy CPU (sum of the proxy processes' utime+stime from
+/proc/PID/stat) per request per hop and per 1000 rps. Then the ratios against HAProxy
+that issue 3 sets as goals. The machine is shared and noisy: compare within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MESH = str(Path(sys.executable).parent / "mesh")
+TICKS = os.sysconf("SC_CLK_TCK")
+BODY = b"x" * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+class Stack:
+    """Processes of one run; all stopped in close()."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, cmd: list[str], **kw: object) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                **kw)  # type: ignore[call-overload]
+        self.procs.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    def nginx(self) -> int:
+        port = free_port()
+        (self.tmp / "body").write_bytes(BODY)
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+pid {self.tmp}/nginx.pid;
+error_log {self.tmp}/nginx.err;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ root {self.tmp}; try_files /body =404; default_type text/plain; }}
+    }}
+}}
+""")
+        self.start(["nginx", "-c", str(conf), "-p", str(self.tmp), "-g", "daemon off;"])
+        wait_port(port)
+        return port
+
+    def haproxy(self, target: int) -> tuple[int, int]:
+        port = free_port()
+        conf = self.tmp / f"haproxy-{port}.cfg"
+        conf.write_text(f"""
+global
+    nbthread 1
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    http-reuse always
+    server s1 127.0.0.1:{target}
+""")
+        proc = self.start(["haproxy", "-f", str(conf), "-db"])
+        wait_port(port)
+        return port, proc.pid
+
+    def sidecar(self, service: str, app_port: int, snapshot: dict[str, object]
+                ) -> tuple[dict[str, int], int]:
+        path = self.tmp / f"snapshot-{service}.yaml"
+        path.write_text(yaml.safe_dump(snapshot))
+        proc = self.start([MESH, "sidecar", "--service", service, "--app-port", str(app_port),
+                           "--config", str(path), "--outbound-port", "0",
+                           "--inbound-port", "0", "--admin-port", "0"], cwd=ROOT)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"sidecar {service} did not start")
+        return json.loads(line), proc.pid
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def client_snapshot(target: int) -> dict[str, object]:
+    """Routing and retries on, as the goal asks: a matched route, a split, a retry policy."""
+    return {"version": "bench", "services": [{"name": "upstream", "routes": [
+        {"name": "api", "match": {"path": {"prefix": "/api"}}, "split": {"v1": 1}},
+        {"name": "default", "split": {"v1": 1}, "timeout": 10, "retries": {
+            "attempts": 3, "on": ["connect-failure", "reset", 503]}},
+    ]}], "clusters": [{"name": "upstream", "subsets": {"v1": [f"127.0.0.1:{target}"]}}]}
+
+
+@dataclass
+class Point:
+    rps: float
+    p50: float
+    p90: float
+    p99: float
+    cpu_us_per_req: float  # all proxy processes together
+
+
+_UNITS = {"us": 1.0, "ms": 1000.0, "s": 1e6}
+
+
+def run_wrk(port: int, conns: int, seconds: float, pids: list[int]) -> Point:
+    before = sum(cpu_seconds(p) for p in pids)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-H", "Host: upstream",
+         f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=seconds + 30,
+        check=True).stdout
+    cpu = sum(cpu_seconds(p) for p in pids) - before
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"wrk saw {errors.group(1)} bad responses on port {port}")
+    pct = {}
+    for label in ("50", "90", "99"):
+        m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        assert m is not None, out
+        pct[label] = float(m.group(1)) * _UNITS[m.group(2)]
+    return Point(rps, pct["50"], pct["90"], pct["99"], cpu / max(total, 1) * 1e6)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 s per point instead of 5 s")
+    ap.add_argument("--seconds", type=float, help="seconds per point")
+    ap.add_argument("--conns", default="1,16,64", help="concurrency levels, comma separated")
+    args = ap.parse_args()
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    conns = [int(c) for c in args.conns.split(",")]
+    for tool in ("wrk", "haproxy", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} not found: apt-get install -y wrk haproxy nginx",
+                  file=sys.stderr)
+            return 1
+
+    tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-"))
+    tmp.chmod(0o755)  # nginx workers drop root and must read the body file
+    stack = Stack(tmp)
+    try:
+        upstream = stack.nginx()
+        setups: list[tuple[str, int, int, list[int]]] = [("direct", upstream, 0, [])]
+        h1, h1pid = stack.haproxy(upstream)
+        setups.append(("haproxy 1 hop", h1, 1, [h1pid]))
+        h2b, h2bpid = stack.haproxy(upstream)
+        h2a, h2apid = stack.haproxy(h2b)
+        setups.append(("haproxy 2 hops", h2a, 2, [h2apid, h2bpid]))
+        one, one_pid = stack.sidecar("bench1", 1, client_snapshot(upstream))
+        setups.append(("sidecar 1 hop", one["outbound"], 1, [one_pid]))
+        server, server_pid = stack.sidecar("upstream", upstream, {"version": "bench"})
+        client, client_pid = stack.sidecar("bench2", 1, client_snapshot(server["inbound"]))
+        setups.append(("sidecar 2 hops", client["outbound"], 2, [client_pid, server_pid]))
+
+        results: dict[tuple[str, int], Point] = {}
+        for name, port, _, pids in setups:
+            run_wrk(port, 16, 1, pids)  # warm up pools and caches
+            for c in conns:
+                results[(name, c)] = run_wrk(port, c, seconds, pids)
+                print(f"  measured {name:15} c={c:<3} {results[(name, c)].rps:9.0f} rps",
+                      file=sys.stderr, flush=True)
+        report(setups, conns, results, seconds)
+    finally:
+        stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
+           results: dict[tuple[str, int], Point], seconds: float) -> None:
+    c1 = conns[0]
+    cmax = conns[-1]
+    direct_p50 = results[("direct", c1)].p50
+    print(f"\nwrk -t1, 1 KB body from nginx, {seconds:g} s per point, loopback, "
+          f"{os.cpu_count()} cores\n")
+    print(f"{'setup':16} {'c':>3} {'rps':>9} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} "
+          f"{'+us/hop':>8} {'CPU us/req/hop':>15} {'CPU s/s per 1k rps':>19}")
+    added: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    for name, _, hops, _ in setups:
+        for c in conns:
+            p = results[(name, c)]
+            plus = (p.p50 - direct_p50) / hops if hops and c == c1 else None
+            per_hop = p.cpu_us_per_req / hops if hops else None
+            per_1k = p.cpu_us_per_req * 1000 / 1e6 if hops else None
+            if plus is not None:
+                added[name] = plus
+            if per_hop is not None and c == cmax:
+                cpu[name] = per_hop
+            print(f"{name:16} {c:>3} {p.rps:>9.0f} {p.p50:>8.0f} {p.p90:>8.0f} {p.p99:>8.0f} "
+                  f"{'' if plus is None else f'{plus:.0f}':>8} "
+                  f"{'' if per_hop is None else f'{per_hop:.1f}':>15} "
+                  f"{'' if per_1k is None else f'{per_1k:.3f}':>19}")
+    print("\nratios, sidecar / HAProxy (goal: latency <= 1.2x, requests per CPU-second >= 0.5x)")
+    for hops in ("1 hop", "2 hops"):
+        s, h = f"sidecar {hops}", f"haproxy {hops}"
+        lat = added[s] / added[h] if added.get(h, 0) > 0 else float("nan")
+        eff = cpu[h] / cpu[s] if cpu.get(s, 0) > 0 else float("nan")
+        rps = results[(s, cmax)].rps / results[(h, cmax)].rps
+        print(f"  {hops:6}: added p50 latency per hop at c={c1}: {lat:.2f}x   "
+              f"requests per CPU-second at c={cmax}: {eff:.2f}x   rps at c={cmax}: {rps:.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

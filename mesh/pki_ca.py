@@ -105,14 +105,16 @@ def _spki(key: CaPrivateKey | x509.Certificate) -> bytes:
     return pub.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
-def _is_self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
-        return False
+def _signed_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
-        cert.verify_directly_issued_by(cert)
+        child.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def _is_self_signed(cert: x509.Certificate) -> bool:
+    return cert.issuer == cert.subject and _signed_by(cert, cert)
 
 
 class CertificateAuthority:
@@ -157,6 +159,15 @@ class CertificateAuthority:
         if _is_self_signed(certificate) and certificate not in all_roots:
             all_roots.insert(0, certificate)
         self._bundle = TrustBundle(self.trust_domain, all_roots)
+        top = self._intermediates[-1] if self._intermediates else certificate
+        if not _is_self_signed(top) and not any(
+            _signed_by(top, root) for root in self._bundle.issuers_named(top.issuer)
+        ):
+            # Leaves signed here would verify nowhere: refuse at load, not at first handshake.
+            raise CaLoadError(
+                f"CA chain ends at {top.subject.rfc4514_string()!r}, issued by "
+                f"{top.issuer.rfc4514_string()!r}, which is not a root of the trust bundle"
+            )
         self.allowed_curves = allowed_curves
         # --- cached per CA: none of this depends on the request --------------------------------
         self._hash = _hash_for(key)

@@ -128,6 +128,11 @@ def test_load_operator_intermediate(ca: pki.CertificateAuthority, checkout: Spif
         pki.load_ca(ca.trust_domain, _pem(inter.certificate), key_pem)
     with pytest.raises(pki.CaLoadError, match="out of order"):
         pki.load_ca(ca.trust_domain, _pem(ca.certificate, inter.certificate), key_pem)
+    stranger = pki.generate_root(ca.trust_domain)
+    with pytest.raises(pki.CaLoadError, match="not a root of the trust bundle"):
+        pki.load_ca(
+            ca.trust_domain, _pem(inter.certificate), key_pem, bundle_pem=stranger.bundle.pem
+        )
 
 
 def test_load_refuses_mismatched_key_and_non_ca(

@@ -13,6 +13,8 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import socket
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,6 +58,12 @@ class Mesh:
                     "backoff": {"base": 0.001, "max": 0.001}}}]},
                 {"name": "faulty", "routes": [{"fault": {"abort": {"percent": 100,
                                                                    "status": 418}}}]},
+                {"name": "narrow", "routes": [{}]},
+                {"name": "pertry", "routes": [{"cluster": "ratings", "timeout": 5, "retries": {
+                    "attempts": 2, "per_try_timeout": 0.3, "on": ["timeout"],
+                    "backoff": {"base": 0.001, "max": 0.001}}}]},
+                {"name": "nobudget", "routes": [{"retries": {
+                    "attempts": 3, "on": ["connect-failure"]}}]},
             ],
             clusters=[
                 {"name": "reviews", "subsets": {"v1": [ep(self.v1.inbound)],
@@ -69,6 +77,10 @@ class Mesh:
                              "max_ejection_percent": 34}},
                 {"name": "down", "subsets": {"v1": [ep(_closed_port())]}},
                 {"name": "faulty", "subsets": {"v1": [ep(self.good_a)]}},
+                {"name": "narrow", "subsets": {"v1": [ep(self.good_a)]},
+                 "circuit_breaker": {"max_requests": 1}},
+                {"name": "nobudget", "subsets": {"v1": [ep(_closed_port())]},
+                 "retry_budget": {"ratio": 0, "min_per_second": 0}},
             ]))
 
 
@@ -181,6 +193,36 @@ def test_client_side_fault_and_no_route(mesh: Mesh) -> None:
     status, headers, _ = request(mesh.client.outbound, "/", host="unknown")
     assert (status, headers["x-mesh-flags"]) == (404, "NR")
     assert "unknown" in headers["x-mesh-reason"]
+
+
+def test_circuit_breaker_overflow(mesh: Mesh) -> None:
+    port = mesh.client.outbound
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as slow:
+        slow.sendall(b"GET /delay/1 HTTP/1.1\r\nhost: narrow\r\n\r\n")
+        deadline = time.monotonic() + 0.9
+        seen = None
+        while time.monotonic() < deadline:  # until the slow request holds the only slot
+            status, headers, _ = request(port, "/anything", host="narrow")
+            if status == 503:
+                seen = headers
+                break
+        assert seen is not None and seen["x-mesh-flags"] == "UO"
+        assert "max_requests" in seen["x-mesh-reason"]
+        assert slow.recv(65536).startswith(b"HTTP/1.1 200")
+    assert request(port, "/anything", host="narrow")[0] == 200
+
+
+def test_per_try_timeout_is_retried_then_flagged(mesh: Mesh) -> None:
+    t0 = time.monotonic()
+    status, headers, _ = request(mesh.client.outbound, "/slow", host="pertry")
+    assert (status, headers["x-mesh-flags"]) == (504, "UT,URX")
+    assert 0.5 < time.monotonic() - t0 < 2.0  # two tries of 0.3 s, not the 5 s timeout
+
+
+def test_retry_budget_exhausted(mesh: Mesh) -> None:
+    status, headers, _ = request(mesh.client.outbound, "/", host="nobudget")
+    assert (status, headers["x-mesh-flags"]) == (503, "UF,URX")
+    assert "retry budget exhausted" in headers["x-mesh-reason"]
 
 
 def _metric(text: bytes, name: str) -> float:

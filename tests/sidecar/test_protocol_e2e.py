@@ -230,3 +230,36 @@ def test_large_bodies_stream_with_bounded_memory(big: Sidecar) -> None:
         conn.close()
     # Peak RSS grew by far less than one body: nothing was buffered whole.
     assert big.hwm_kb() - before < 40 * 1024, (before, big.hwm_kb())
+
+
+def _downstream_conns(port: int) -> int:
+    """Sockets on the listener's port in any state but LISTEN/TIME_WAIT/CLOSE: open ones."""
+    n = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port = int(fields[1].split(":")[1], 16)
+        if local_port == port and fields[3] not in ("0A", "06", "07"):
+            n += 1
+    return n
+
+
+def test_abuse_leaks_no_connections(side: Sidecar) -> None:
+    assert request(side.inbound, "/anything")[0] == 200
+    for _ in range(30):
+        raw_exchange(side.inbound, b"BAD REQUEST LINE\r\n\r\n")
+        raw_exchange(side.inbound, b"GET /garbage HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+    # Slow clients that never finish their head, all at once, then clients that vanish.
+    slow = [socket.create_connection(("127.0.0.1", side.inbound)) for _ in range(10)]
+    for s in slow:
+        s.sendall(b"GET / HTTP/1.1\r\n")
+    for _ in range(10):
+        with socket.create_connection(("127.0.0.1", side.inbound)) as gone:
+            gone.sendall(b"GET /delay/0.2 HTTP/1.1\r\nhost: a\r\n\r\n")
+    for s in slow:
+        assert _status(s.recv(4096)) == 408
+        s.close()
+    deadline = time.monotonic() + 5
+    while _downstream_conns(side.inbound) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _downstream_conns(side.inbound) == 0
+    assert side.proc.poll() is None and request(side.inbound, "/anything")[0] == 200

@@ -56,6 +56,9 @@ RETRY_BUFFER = 65536  # bodies up to this size are kept so the request can be re
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 IDLE, HEADER, UPSTREAM, STREAMING, TUNNEL = range(5)
+# The app cannot claim to be another service: outbound replaces what it sent.
+_SOURCE = frozenset({b"x-mesh-source"})
+_NOTHING: frozenset[bytes] = frozenset()
 
 
 class ClientGone(Exception):
@@ -248,7 +251,8 @@ class HttpProxy:
         cluster.budget.on_request()
         c.phase = UPSTREAM
         c.scope.deadline = trio.current_time() + route.route.timeout
-        head_bytes = request_head_bytes(head, extra, head.chunked)
+        head_bytes = request_head_bytes(head, extra, head.chunked,
+                                        _SOURCE if self.outbound else _NOTHING)
         attempt = 0
         while True:
             result = await self._attempt(c, head, head_bytes, body, route, cluster, fault)

@@ -283,12 +283,13 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 
 def request_head_bytes(head: RequestHead, extra: list[tuple[bytes, bytes]],
-                       chunked: bool) -> bytes:
-    """Serialise a request head for the upstream, dropping hop-by-hop headers."""
+                       chunked: bool, replace: frozenset[bytes] = frozenset()) -> bytes:
+    """Serialise a request head for the upstream, dropping hop-by-hop headers and the
+    `replace` ones (which `extra` sets instead)."""
     drop = _connection_tokens(head.headers)
     parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
     for k, v in head.headers:
-        if k in HOP_BY_HOP or (drop and k in drop):
+        if k in HOP_BY_HOP or (drop and k in drop) or k in replace:
             continue
         parts += (k, b": ", v, b"\r\n")
     for k, v in extra:

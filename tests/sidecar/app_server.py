@@ -48,6 +48,7 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: int = 200, **extra: object) -> None:
         body = json.dumps({"name": self.name, "method": self.command, "path": self.path,
                            "headers": {k.lower(): v for k, v in self.headers.items()},
+                           "header_names": [k.lower() for k in self.headers],
                            **extra}).encode()
         self._send(status, body)
 

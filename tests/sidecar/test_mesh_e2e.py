@@ -135,8 +135,9 @@ def test_header_routes_to_v2(mesh: Mesh) -> None:
 
 def test_source_and_request_id_reach_the_app(mesh: Mesh) -> None:
     _, _, body = request(mesh.client.outbound, "/anything", host="reviews:9080",
-                         headers={"x-request-id": "keep-me"})
+                         headers={"x-request-id": "keep-me", "x-mesh-source": "spoofed"})
     seen = json.loads(body)["headers"]
+    assert json.loads(body)["header_names"].count("x-mesh-source") == 1
     assert seen["x-request-id"] == "keep-me"
     assert seen["x-mesh-source"] == "productpage"
     _, _, body = request(mesh.client.outbound, "/anything", host="reviews")

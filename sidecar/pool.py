@@ -10,6 +10,7 @@ TLS seam: give `ssl_context` and every new connection is wrapped in trio.SSLStre
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 
@@ -51,6 +52,18 @@ class UpstreamConn:
         self.breaker.released.unpark()
 
 
+def _still_open(conn: UpstreamConn) -> bool:
+    """An idle keep-alive connection has nothing to read; if it has, it is the upstream's
+    close (or junk). One poll syscall, done only for connections idle over a second, which
+    are the ones upstreams close."""
+    s = conn.stream
+    sock = s.transport_stream if isinstance(s, trio.SSLStream) else s
+    if not isinstance(sock, trio.SocketStream):
+        return True
+    readable, _, _ = select.select([sock.socket.fileno()], [], [], 0)
+    return not readable
+
+
 def set_nodelay(stream: trio.abc.Stream) -> None:
     if isinstance(stream, trio.SocketStream):
         stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
@@ -73,7 +86,8 @@ class Pool:
                 now = trio.current_time()
                 while idle:
                     conn = idle.pop()
-                    if now - conn.idle_since < self.idle_timeout:
+                    age = now - conn.idle_since
+                    if age < self.idle_timeout and (age < 1.0 or _still_open(conn)):
                         return conn, True
                     conn.close()
         breaker = cluster.breaker

@@ -184,6 +184,11 @@ class HttpProxy:
 
     async def _request(self, c: _Downstream, rt: Runtime, head: RequestHead) -> bool:
         """Proxy one request; return whether the client connection stays open."""
+        if not head.has_body and not head.upgrade:
+            events = c.reader.events
+            while not events:  # the END of a body-less request
+                await c.recv_into_reader()
+            events.popleft()
         rid = head.get(b"x-request-id")
         extra: list[tuple[bytes, bytes]] = []
         if rid is None:
@@ -204,7 +209,7 @@ class HttpProxy:
             source = src.decode("latin-1") if src is not None else None
             route = rt.inbound_route
             fault = rt.inbound_fault(head, source) if rt.inbound_faults else None
-        if head.get(b"expect") is not None:
+        if head.has_body and head.get(b"expect") is not None:
             # We read the whole body before the upstream answers, so say 100 ourselves.
             head.headers = [(k, v) for k, v in head.headers if k != b"expect"]
             await c.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -239,13 +244,8 @@ class HttpProxy:
                 assert isinstance(value, bytes)
                 parts.append(value)
             body = b"".join(parts)
-        elif not head.upgrade:
-            while not events:  # the END of a body-less request
-                await c.recv_into_reader()
+        elif head.upgrade and events and events[0][0] == END:
             events.popleft()
-        else:
-            if events and events[0][0] == END:
-                events.popleft()
 
         policy = route.route.retries
         cluster.budget.on_request()
@@ -369,10 +369,7 @@ class HttpProxy:
         send = conn.stream.send_all
         while True:
             if not events:
-                try:
-                    await c.recv_into_reader()
-                except ClientGone:
-                    raise
+                await c.recv_into_reader()
                 continue
             kind, value = events.popleft()
             if kind == BODY:

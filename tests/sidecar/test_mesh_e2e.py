@@ -191,9 +191,17 @@ def test_connect_failure_flags(mesh: Mesh) -> None:
 def test_client_side_fault_and_no_route(mesh: Mesh) -> None:
     status, headers, _ = request(mesh.client.outbound, "/", host="faulty")
     assert (status, headers["x-mesh-flags"]) == (418, "FI")
-    status, headers, _ = request(mesh.client.outbound, "/", host="unknown")
-    assert (status, headers["x-mesh-flags"]) == (404, "NR")
-    assert "unknown" in headers["x-mesh-reason"]
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.client.outbound, timeout=5)
+    try:
+        status, headers, _ = request(mesh.client.outbound, "/", host="unknown", conn=conn)
+        assert (status, headers["x-mesh-flags"]) == (404, "NR")
+        assert "unknown" in headers["x-mesh-reason"]
+        sock = conn.sock
+        # The local reply kept the connection usable.
+        assert request(mesh.client.outbound, "/anything", host="reviews", conn=conn)[0] == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
 
 
 def test_circuit_breaker_overflow(mesh: Mesh) -> None:

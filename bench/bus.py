@@ -44,7 +44,7 @@ async def _reference(url: str, messages: int, requests: int, budget: float) -> d
     sent = 0
     start = time.perf_counter()
     deadline = start + budget
-    for sent in range(1, messages + 1):  # noqa: B007
+    for sent in range(1, messages + 1):
         await nc.publish("bench.pub", PAYLOAD)
         if sent % 10000 == 0 and time.perf_counter() > deadline:
             break
@@ -81,7 +81,6 @@ async def _echo(url: str) -> None:
 
 
 async def _trio_bus(url: str, messages: int, requests: int, budget: float) -> dict[str, float]:
-    import trio
 
     from bus.client import connect
     from bus.errors import BusOverloaded
@@ -90,7 +89,7 @@ async def _trio_bus(url: str, messages: int, requests: int, budget: float) -> di
         sent = 0
         start = time.perf_counter()
         deadline = start + budget
-        for sent in range(1, messages + 1):  # noqa: B007
+        for sent in range(1, messages + 1):
             await bus.publish("bench.pub", PAYLOAD)
             if sent % 10000 == 0 and time.perf_counter() > deadline:
                 break

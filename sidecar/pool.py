@@ -18,6 +18,7 @@ import trio
 
 from mesh.snapshot import Endpoint
 from sidecar.cluster import BreakerState, ClusterState
+from sidecar.fastio import ByteIO, FastSocket
 from sidecar.http.codec import ResponseReader
 
 
@@ -30,11 +31,13 @@ class Overflow(Exception):
 
 
 class UpstreamConn:
-    __slots__ = ("breaker", "endpoint", "idle_since", "reader", "requests", "stream")
+    __slots__ = ("breaker", "endpoint", "idle_since", "io", "reader", "requests", "stream")
 
     def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint,
                  breaker: BreakerState) -> None:
         self.stream = stream
+        # Plain sockets take the fast path; a TLS stream is used through its own API.
+        self.io: ByteIO = FastSocket(stream) if isinstance(stream, trio.SocketStream) else stream
         self.endpoint = endpoint
         self.breaker = breaker
         self.reader = ResponseReader()

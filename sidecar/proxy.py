@@ -24,6 +24,7 @@ from mesh.snapshot import Endpoint, Fault
 from sidecar import flags as F
 from sidecar.budget import backoff_delay
 from sidecar.cluster import ClusterState
+from sidecar.fastio import FastSocket
 from sidecar.fault import decide
 from sidecar.http.codec import (
     BODY,
@@ -78,11 +79,12 @@ class _Failure:
 
 
 class _Downstream:
-    __slots__ = ("delayed", "phase", "reader", "responded", "scope", "stream")
+    __slots__ = ("delayed", "io", "phase", "reader", "responded", "scope", "stream")
 
     def __init__(self, stream: trio.SocketStream, reader: RequestReader,
                  scope: trio.CancelScope) -> None:
         self.stream = stream
+        self.io = FastSocket(stream)
         self.reader = reader
         self.scope = scope
         self.phase = IDLE
@@ -90,7 +92,7 @@ class _Downstream:
         self.delayed = False
 
     async def recv_into_reader(self) -> None:
-        data = await self.stream.receive_some(RECV)
+        data = await self.io.receive_some(RECV)
         if not data:
             raise ClientGone
         self.reader.feed(data)
@@ -140,7 +142,7 @@ class HttpProxy:
         self._count_local(status, flag)
         c.responded = True
         with trio.move_on_after(1):  # error path only: do not hang on a stuck client
-            await c.stream.send_all(local_response(status, flag, reason, keep_alive=False))
+            await c.io.send_all(local_response(status, flag, reason, keep_alive=False))
 
     async def _on_timeout(self, c: _Downstream) -> None:
         if c.phase == HEADER:
@@ -162,11 +164,14 @@ class HttpProxy:
             c.phase = IDLE
             c.responded = False
             c.delayed = False
-            if not events:
+            if events:
+                # Pipelined: the reads that fetched it may not have been checkpoints.
+                await trio.lowlevel.checkpoint()
+            else:
                 # Deadlines are set only when a wait can actually happen: moving one
                 # costs ~2 us, a fair share of the ~70 us a request costs in all.
                 c.scope.deadline = trio.current_time() + rt.limits.idle_timeout
-                data = await c.stream.receive_some(RECV)
+                data = await c.io.receive_some(RECV)
                 if not data:
                     return
                 c.phase = HEADER
@@ -212,7 +217,7 @@ class HttpProxy:
         if head.has_body and head.get(b"expect") is not None:
             # We read the whole body before the upstream answers, so say 100 ourselves.
             head.headers = [(k, v) for k, v in head.headers if k != b"expect"]
-            await c.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await c.io.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
 
         cluster = route.cluster
         breaker = cluster.breaker
@@ -341,9 +346,9 @@ class HttpProxy:
                 self.stats.upstream_connections += 1
             try:
                 if body is not None:
-                    await conn.stream.send_all(head_bytes + body if body else head_bytes)
+                    await conn.io.send_all(head_bytes + body if body else head_bytes)
                 else:
-                    await conn.stream.send_all(head_bytes)
+                    await conn.io.send_all(head_bytes)
                     await self._stream_request_body(c, conn, head.chunked)
                 resp = await self._read_head(c, conn, head)
                 return conn, resp
@@ -366,10 +371,11 @@ class HttpProxy:
     async def _stream_request_body(self, c: _Downstream, conn: UpstreamConn,
                                    chunked: bool) -> None:
         events = c.reader.events
-        send = conn.stream.send_all
+        send = conn.io.send_all
         while True:
             if not events:
                 await c.recv_into_reader()
+                await trio.lowlevel.checkpoint()  # a fast client could otherwise hog the loop
                 continue
             kind, value = events.popleft()
             if kind == BODY:
@@ -389,7 +395,7 @@ class HttpProxy:
         got_bytes = False
         while True:
             while not events:
-                data = await conn.stream.receive_some(RECV)
+                data = await conn.io.receive_some(RECV)
                 if not data:
                     raise _UpstreamClosed(not got_bytes)
                 got_bytes = True
@@ -449,9 +455,9 @@ class HttpProxy:
                 if done:
                     if framing == FRAME_CHUNKED:
                         out.append(LAST_CHUNK)
-                    await c.stream.send_all(b"".join(out))
+                    await c.io.send_all(b"".join(out))
                     break
-                await c.stream.send_all(b"".join(out) if len(out) > 1 else out[0])
+                await c.io.send_all(b"".join(out) if len(out) > 1 else out[0])
                 out = []
                 if not long_body:
                     # The route timeout covered the wait for the head; a long body gets
@@ -459,7 +465,8 @@ class HttpProxy:
                     long_body = True
                     c.scope.deadline = (trio.current_time()
                                         + self._runtime().limits.stream_timeout)
-                data = await conn.stream.receive_some(RECV)
+                data = await conn.io.receive_some(RECV)
+                await trio.lowlevel.checkpoint()  # a fast upstream could otherwise hog the loop
                 if not data:
                     if until_close:
                         done = True
@@ -494,9 +501,9 @@ class HttpProxy:
             while events:
                 kind, value = events.popleft()
                 if kind == UPGRADE and isinstance(value, bytes) and value:
-                    await conn.stream.send_all(value)
+                    await conn.io.send_all(value)
             if upstream_rest:
-                await c.stream.send_all(upstream_rest)
+                await c.io.send_all(upstream_rest)
             await splice(c.stream, conn.stream)
         finally:
             conn.close()
@@ -508,7 +515,7 @@ class HttpProxy:
         keep = keep and head.keep_alive and not head.upgrade
         self._count_local(status, flag)
         c.responded = True
-        await c.stream.send_all(local_response(status, flag, reason, rid, keep,
+        await c.io.send_all(local_response(status, flag, reason, rid, keep,
                                                head_only=head.method == b"HEAD"))
         return keep
 

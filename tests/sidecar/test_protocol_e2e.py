@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sidecar_helpers import Procs, Sidecar, raw_exchange, request, snapshot
 
 LIMITS = {"max_header_bytes": 2048, "max_body_bytes": 1_000_000, "header_timeout": 0.5}
@@ -263,3 +266,23 @@ def test_abuse_leaks_no_connections(side: Sidecar) -> None:
         time.sleep(0.05)
     assert _downstream_conns(side.inbound) == 0
     assert side.proc.poll() is None and request(side.inbound, "/anything")[0] == 200
+
+
+FUZZ_TOKENS = st.sampled_from([
+    b"GET ", b"POST ", b"HEAD ", b"/", b"/anything", b"/garbage", b" HTTP/1.1", b" HTTP/1.0",
+    b"\r\n", b"host: a\r\n", b"content-length: 3\r\n", b"transfer-encoding: chunked\r\n",
+    b"connection: close\r\n", b"connection: upgrade\r\nupgrade: x\r\n", b"\r\n\r\n", b"3\r\nabc",
+    b"0\r\n\r\n", b"zz\r\n", b"\x00", b"\xff\xfe", b":", b" ",
+])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(FUZZ_TOKENS, st.binary(max_size=16)), min_size=1, max_size=30))
+def test_fuzzed_bytes_never_hurt_the_sidecar(side: Sidecar, parts: list[bytes]) -> None:
+    data = b"".join(parts) + b"\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"
+    reply = raw_exchange(side.inbound, data, timeout=3)
+    # Whatever came in, what goes out is HTTP responses or nothing, then a close.
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 ")
+    for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply):
+        assert 100 <= int(status) < 600
+    assert side.proc.poll() is None

@@ -59,6 +59,8 @@ class Mesh:
                 {"name": "faulty", "routes": [{"fault": {"abort": {"percent": 100,
                                                                    "status": 418}}}]},
                 {"name": "narrow", "routes": [{}]},
+                {"name": "sticky", "routes": [{}]},
+                {"name": "p2c", "routes": [{}]},
                 {"name": "pertry", "routes": [{"cluster": "ratings", "timeout": 5, "retries": {
                     "attempts": 2, "per_try_timeout": 0.3, "on": ["timeout"],
                     "backoff": {"base": 0.001, "max": 0.001}}}]},
@@ -77,6 +79,10 @@ class Mesh:
                              "max_ejection_percent": 34}},
                 {"name": "down", "subsets": {"v1": [ep(_closed_port())]}},
                 {"name": "faulty", "subsets": {"v1": [ep(self.good_a)]}},
+                {"name": "sticky", "lb": "hash", "hash_header": "x-user",
+                 "subsets": {"v1": [ep(self.good_a), ep(self.good_b)]}},
+                {"name": "p2c", "lb": "least_request",
+                 "subsets": {"v1": [ep(self.good_a), ep(self.good_b)]}},
                 {"name": "narrow", "subsets": {"v1": [ep(self.good_a)]},
                  "circuit_breaker": {"max_requests": 1}},
                 {"name": "nobudget", "subsets": {"v1": [ep(_closed_port())]},
@@ -202,6 +208,19 @@ def test_client_side_fault_and_no_route(mesh: Mesh) -> None:
         assert conn.sock is sock
     finally:
         conn.close()
+
+
+def test_hash_and_least_request_balancing(mesh: Mesh) -> None:
+    port = mesh.client.outbound
+    placement = {}
+    for user in range(20):
+        apps = {h["x-app"] for _, h, _ in _many(port, 5, "sticky",
+                                                  headers={"x-user": f"user-{user}"})}
+        assert len(apps) == 1  # one user, one endpoint
+        placement[user] = apps.pop()
+    assert set(placement.values()) == {"good-a", "good-b"}
+    apps = Counter(h["x-app"] for _, h, _ in _many(port, 100, "p2c"))
+    assert set(apps) == {"good-a", "good-b"}
 
 
 def test_circuit_breaker_overflow(mesh: Mesh) -> None:

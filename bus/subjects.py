@@ -38,3 +38,49 @@ def token(name: str) -> str:
 
 def lifecycle(replica: str) -> str:
     return f"{PREFIX}.lifecycle.{token(replica)}"
+
+
+# Identity (actors/ca.py, sidecar/identity.py). Only the CA leader subscribes to CA_SIGN.
+CA_SIGN = f"{PREFIX}.ca.sign"  # request/reply: CsrRequest -> CsrReply
+CA_QUEUE = "ca"
+CA_BUNDLE = f"{PREFIX}.ca.bundle"  # BundleAnnounce, on change and periodically
+CA_COMMAND = f"{PREFIX}.ca.command"  # request/reply: CaCommand -> CaCommandReply
+CERTS_QUERY = f"{PREFIX}.identity.query"  # CertsQuery, answered by every identity agent
+KV_CA = "mesh_ca"  # sealed CA ("ca"), bundle ("bundle"), rotation state ("rotation")
+KV_TOKENS = "mesh_tokens"  # join token records, hashed (mesh/tokens.py)
+
+
+def certs_inbox(nonce: str) -> str:
+    """Where identity agents send their IdentityStatus for one `mesh certs` run."""
+    return f"{PREFIX}.identity.status.{token(nonce)}"
+
+
+# Telemetry, traces, access logs (docs/telemetry.md).
+# Sidecar batches: mesh.telemetry.<namespace>.<service>.<instance> (TelemetryBatch).
+TELEMETRY_ALL = f"{PREFIX}.telemetry.>"
+# Golden signals per pair: mesh.golden.<src>.<dst> (GoldenSummary), from every aggregator replica.
+GOLDEN_ALL = f"{PREFIX}.golden.>"
+# request/reply, answered by one aggregator replica: GraphQuery -> GraphReply.
+GRAPH_QUERY = f"{PREFIX}.graph.query"
+TELEMETRY_QUEUE = "telemetry"
+# Finished spans: mesh.spans.<service> (SpanRecord); request/reply TraceQuery -> TraceReply.
+SPANS_ALL = f"{PREFIX}.spans.>"
+TRACE_QUERY = f"{PREFIX}.trace.query"
+# Access-log lines, when a sidecar is told to publish them: mesh.accesslog.<service>.
+ACCESSLOG_ALL = f"{PREFIX}.accesslog.>"
+
+
+def telemetry(namespace: str, service: str, instance: str) -> str:
+    return f"{PREFIX}.telemetry.{token(namespace)}.{token(service)}.{token(instance)}"
+
+
+def golden(src: str, dst: str) -> str:
+    return f"{PREFIX}.golden.{token(src)}.{token(dst)}"
+
+
+def spans(service: str) -> str:
+    return f"{PREFIX}.spans.{token(service)}"
+
+
+def accesslog(service: str) -> str:
+    return f"{PREFIX}.accesslog.{token(service)}"

@@ -195,5 +195,202 @@ class Blob(Message):
     data: bytes
 
 
+# --- Identity: leases, CA, certificates (actors/lease.py, actors/ca.py, sidecar/identity.py) ---
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeaseRecord(Message):
+    """The value of a lease key in KV (actors/lease.py)."""
+
+    TYPE: ClassVar[str] = "lease"
+    holder: str
+    ttl: float
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class CsrRequest(Message):
+    """Sidecar -> CA: sign this CSR. Credential: a join token (first certificate) or the
+    current chain plus a renewal proof signed by the current key. Never a private key."""
+
+    TYPE: ClassVar[str] = "csr-request"
+    identity: str  # the SPIFFE ID asked for
+    csr: bytes  # DER
+    token: str = ""
+    chain: list[bytes] = dataclasses.field(default_factory=list)  # current chain, DER
+    proof: bytes = b""
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class CsrReply(Message):
+    """CA -> sidecar: the signed chain and the trust bundle, or a refusal (reason + message)."""
+
+    TYPE: ClassVar[str] = "csr-reply"
+    ok: bool
+    chain: list[bytes] = dataclasses.field(default_factory=list)  # DER, leaf first
+    bundle_pem: bytes = b""
+    signing_ca: bytes = b""  # DER of the certificate that signs now
+    reason: str = ""
+    message: str = ""
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class BundleAnnounce(Message):
+    """The trust bundle (published by the CA leader and stored in KV)."""
+
+    TYPE: ClassVar[str] = "bundle"
+    trust_domain: str
+    roots_pem: bytes
+    signing_ca: bytes  # DER; leaves not issued by it are renewed soon (rotation)
+    leader: str = ""
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class CaCommand(Message):
+    """CLI -> CA leader: "status", "rotate" (introduce a new root) or "retire"."""
+
+    TYPE: ClassVar[str] = "ca-command"
+    action: str
+    force: bool = False
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class CaCommandReply(Message):
+    TYPE: ClassVar[str] = "ca-command-reply"
+    ok: bool
+    message: str
+    leader: str = ""
+    trust_domain: str = ""
+    roots: list[str] = dataclasses.field(default_factory=list)  # SHA-256 fingerprints
+    signing_root: str = ""
+    reason: str = ""
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class CertsQuery(Message):
+    """`mesh certs` -> every identity agent: publish your IdentityStatus to ``reply_to``."""
+
+    TYPE: ClassVar[str] = "certs-query"
+    reply_to: str
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class IdentityStatus(Message):
+    """One identity agent's current certificate (never the key)."""
+
+    TYPE: ClassVar[str] = "identity-status"
+    agent: str
+    identity: str
+    serial: str = ""
+    not_after: float = 0.0  # unix seconds
+    seconds_left: float = 0.0
+    renewals: int = 0
+    roots: list[str] = dataclasses.field(default_factory=list)
+    last_error: str = ""
+
+
 def registered() -> dict[str, type[Message]]:
     return dict(_REGISTRY)
+
+
+# --- Telemetry, traces and access logs (docs/telemetry.md) -----------------
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class TelemetryBatch(Message):
+    """One sidecar's per-pair aggregates for one interval (body schema: mesh/telemetry.py)."""
+
+    TYPE: ClassVar[str] = "telemetry.batch"
+    schema: int
+    ns: str
+    svc: str
+    inst: str
+    epoch: str
+    seq: int
+    ts: float
+    interval: float
+    hist: dict[str, Any]
+    pairs: list[Any]
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class GoldenSummary(Message):
+    """Golden signals of one service pair, per window, from one aggregator replica."""
+
+    TYPE: ClassVar[str] = "telemetry.golden"
+    replica: str
+    src: str
+    dst: str
+    ts: float
+    windows: dict[str, Any]
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class GraphQuery(Message):
+    """Ask one aggregator replica for the service graph over a window."""
+
+    TYPE: ClassVar[str] = "telemetry.graph-query"
+    window: str = "10s"
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class GraphReply(Message):
+    TYPE: ClassVar[str] = "telemetry.graph"
+    replica: str
+    ts: float
+    window: str
+    nodes: list[str]
+    edges: list[Any]
+    ingest: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class SpanRecord(Message):
+    """One finished span of one sidecar hop (ids in lowercase hex, times in unix ns)."""
+
+    TYPE: ClassVar[str] = "trace.span"
+    trace_id: str
+    span_id: str
+    parent_id: str
+    name: str
+    service: str
+    start_ns: int
+    end_ns: int
+    attrs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    error: bool = False
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class TraceQuery(Message):
+    TYPE: ClassVar[str] = "trace.query"
+    trace_id: str
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class TraceReply(Message):
+    TYPE: ClassVar[str] = "trace.spans"
+    trace_id: str
+    spans: list[Any]
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccessLogEntry(Message):
+    """One access-log line (the same fields as the JSON line, docs/telemetry.md)."""
+
+    TYPE: ClassVar[str] = "accesslog"
+    entry: dict[str, Any]

@@ -1,0 +1,115 @@
+"""Leader election on real NATS: one holder at a time, handover on release, takeover on death."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from actors.lease import Lease, LeaseLost, LeaseTerm, open_leases
+from bus.client import connect
+from bus.server import NatsServer
+from mesh.processes import child_kwargs, terminate
+
+HERE = Path(__file__).parent
+
+
+async def test_two_holders_one_leader_and_handover_on_release(nats_server: NatsServer) -> None:
+    async with connect(nats_server.url) as bus:
+        kv = await open_leases(bus)
+        a, b = Lease(kv, "single", "a", ttl=1.0), Lease(kv, "single", "b", ttl=1.0)
+        leading: list[str] = []
+        overlap = False
+        a_leads, b_leads, stop_a = trio.Event(), trio.Event(), trio.Event()
+
+        async def work(name: str, started: trio.Event, stop: trio.Event | None) -> None:
+            nonlocal overlap
+            overlap = overlap or bool(leading)
+            leading.append(name)
+            started.set()
+            try:
+                if stop is None:
+                    await trio.sleep_forever()
+                await stop.wait()
+            finally:
+                leading.remove(name)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(a.run_as_leader, lambda t: work("a", a_leads, stop_a))
+                await a_leads.wait()
+                await nursery.start(b.run_as_leader, lambda t: work("b", b_leads, None))
+                # b keeps competing through several of a's heartbeats without winning.
+                with trio.move_on_after(2.5):
+                    await b_leads.wait()
+                assert leading == ["a"] and not b_leads.is_set()
+                assert await b.current_holder() == "a"
+                t0 = trio.current_time()
+                stop_a.set()  # a returns: clean release, b takes over on its next poll
+                await b_leads.wait()
+                assert trio.current_time() - t0 < 1.0
+                assert leading == ["b"] and not overlap
+                nursery.cancel_scope.cancel()
+
+
+async def test_leader_loses_work_when_taken_over(nats_server: NatsServer) -> None:
+    """A holder whose CAS heartbeat conflicts (someone else wrote) has its work cancelled."""
+    async with connect(nats_server.url) as bus:
+        kv = await open_leases(bus)
+        lease = Lease(kv, "stolen", "a", ttl=0.6)
+        cancelled = False
+        with trio.fail_after(5), pytest.raises(LeaseLost, match="taken over"):
+            async with lease.held() as term:
+                entry = await kv.get("stolen")
+                assert entry is not None and entry.revision == term.revision
+                await kv.put("stolen", b"intruder")
+                try:
+                    await trio.sleep_forever()
+                except trio.Cancelled:
+                    cancelled = True
+                    raise
+        assert cancelled
+
+
+async def test_standby_takes_over_from_a_killed_holder(nats_server: NatsServer) -> None:
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, str(HERE / "lease_holder.py"), nats_server.url, "ca", "victim", "1.5"],
+        stdout=subprocess.PIPE,
+        **child_kwargs(),
+    )
+    try:
+        assert proc.stdout is not None
+        with trio.fail_after(15):
+            buf = b""
+            while b'"ready"' not in buf:
+                chunk = await proc.stdout.receive_some(4096)
+                assert chunk, f"holder exited: {buf!r}"
+                buf += chunk
+        async with connect(nats_server.url) as bus:
+            standby = Lease(await open_leases(bus), "ca", "standby", ttl=1.5)
+            assert await standby.current_holder() == "victim"
+            won: list[LeaseTerm] = []
+            async with trio.open_nursery() as nursery:
+
+                async def compete() -> None:
+                    async with standby.held() as term:
+                        won.append(term)
+
+                nursery.start_soon(compete)
+                # While the holder lives, the standby does not win.
+                with trio.move_on_after(2.0):
+                    while not won:
+                        await trio.sleep(0.05)
+                assert not won
+                proc.kill()  # no release: the standby must wait out the ttl
+                killed_at = trio.current_time()
+                with trio.fail_after(5):
+                    while not won:
+                        await trio.sleep(0.05)
+                took = trio.current_time() - killed_at
+            assert 0.8 < took < 3.5, took
+    finally:
+        await terminate(proc)

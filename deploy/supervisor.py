@@ -72,7 +72,7 @@ class ChildProcess:
             ready = trio.Event()
             env = {**os.environ, **(self.env or {})}
             self.process = await trio.lowlevel.open_process(
-                self.argv, stdout=subprocess.PIPE, env=env, **child_kwargs()
+                self.argv, stdout=subprocess.PIPE, **child_kwargs(env)
             )
             try:
                 async with trio.open_nursery() as nursery:

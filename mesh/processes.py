@@ -1,33 +1,28 @@
 """Child-process plumbing shared by everything that starts processes.
 
 Children get their own session so a Ctrl-C at the terminal reaches only the
-parent, which then stops them in order; and the kernel sends them SIGTERM if
-the parent dies without cleaning up, so no test or crash leaves one behind.
+parent, which then stops them in order. PR_SET_PDEATHSIG cannot be used: trio
+forks children from a worker thread, and the kernel sends that signal when the
+*thread* exits (after ~10 s idle), not the parent process. Instead our own
+children are told their supervisor's pid (MESH_PARENT_PID) and exit when it
+goes away (`mesh.signals.cancel_on_signals` watches it); nats-server children
+are stopped by the `finally` of whoever started them.
 """
 
 from __future__ import annotations
 
-import ctypes
-import signal
+import os
 import socket
 from typing import Any
 
 import trio
 
-_PR_SET_PDEATHSIG = 1
+PARENT_ENV = "MESH_PARENT_PID"
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: best effort only
-        pass
-
-
-def child_kwargs() -> dict[str, Any]:
+def child_kwargs(env: dict[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for trio.lowlevel.open_process / subprocess.Popen."""
-    return {"start_new_session": True, "preexec_fn": _die_with_parent}
+    return {"start_new_session": True, "env": {**(env or os.environ), PARENT_ENV: str(os.getpid())}}
 
 
 async def terminate(process: trio.Process, grace: float = 5.0) -> int:

@@ -41,7 +41,9 @@ async def read_ready_line(proc: trio.Process, timeout: float = 30) -> dict[str, 
 
 async def mesh(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(30):
-        return await trio.run_process([*MESH, *args], capture_stdout=True, capture_stderr=True, check=check)
+        return await trio.run_process(
+            [*MESH, *args], capture_stdout=True, capture_stderr=True, check=check
+        )
 
 
 async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(tmp_path: Path) -> None:
@@ -60,12 +62,18 @@ async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(tmp_pa
         # A crashed replica is restarted by the supervisor and answers again.
         os.kill(cp_pid, signal.SIGKILL)
         with trio.fail_after(20):
-            while (await mesh("ping", "--nats", nats, "--timeout", "0.5", check=False)).returncode != 0:
+            while (
+                await mesh("ping", "--nats", nats, "--timeout", "0.5", check=False)
+            ).returncode != 0:
                 await trio.sleep(0.1)
 
         nats_pids = [
-            int(p) for p in (await trio.run_process(["pgrep", "-f", str(tmp_path)], capture_stdout=True,
-                                                     check=False)).stdout.split()
+            int(p)
+            for p in (
+                await trio.run_process(
+                    ["pgrep", "-f", str(tmp_path)], capture_stdout=True, check=False
+                )
+            ).stdout.split()
         ]
         assert nats_pids, "embedded nats-server not found"
         proc.send_signal(signal.SIGTERM)
@@ -96,14 +104,43 @@ async def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        result = await mesh("up", "--nats-port", str(port), "--state-dir", str(tmp_path), check=False)
+        result = await mesh(
+            "up", "--nats-port", str(port), "--state-dir", str(tmp_path), check=False
+        )
     assert result.returncode == 1
     assert f"port {port} on 127.0.0.1 is already in use" in result.stderr.decode()
     assert "Traceback" not in result.stderr.decode()
 
 
-@pytest.mark.parametrize("bad", ["http://x:1", ""])
+@pytest.mark.parametrize("bad", ["http://x:1", "127.0.0.1:4222", "nats://a:1,ftp://b"])
 async def test_up_rejects_bad_nats_urls(bad: str, tmp_path: Path) -> None:
     result = await mesh("up", "--nats", bad, "--state-dir", str(tmp_path), check=False)
-    if bad:
-        assert result.returncode == 1 and "not a NATS URL" in result.stderr.decode()
+    assert result.returncode == 1 and "not a NATS URL" in result.stderr.decode()
+
+
+async def test_replicas_exit_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    proc = await trio.lowlevel.open_process(
+        [*MESH, "up", "--nats-port", "0", "--state-dir", str(tmp_path / "state"), "--ready-line"],
+        stdout=subprocess.PIPE,
+    )
+    nats_pids: list[int] = []
+    try:
+        info = await read_ready_line(proc)
+        cp_pid = info["replicas"]["cp-1"]
+        found = await trio.run_process(
+            ["pgrep", "-f", str(tmp_path)], capture_stdout=True, check=False
+        )
+        nats_pids = [int(p) for p in found.stdout.split()]
+        proc.kill()  # no chance to clean up
+        await proc.wait()
+        with trio.fail_after(10):
+            while alive(cp_pid):
+                await trio.sleep(0.1)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        # nats-server is not ours to teach; the test cleans up what `mesh up` could not.
+        for pid in nats_pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

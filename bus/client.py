@@ -14,7 +14,7 @@ import logging
 import random
 import ssl
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from mesh.messages import MAX_MESSAGE_BYTES, Message, MessageTooLarge, decode_as
 log = logging.getLogger("mesh.bus")
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 # Publishes taken off the outbox in one crossing. Big enough to amortise the
 # crossing, small enough that one batch does not hold the loop for long.
@@ -347,6 +348,28 @@ class Bus:
             overflow,
             raw_decoder(self.options.max_message_bytes),
             self.stats.drops,
+        )
+        async with self._subscribed(sub, queue):
+            yield sub
+
+    @asynccontextmanager
+    async def subscribe_decoded(
+        self,
+        subject: str,
+        decode: Callable[[bytes], T],
+        *,
+        queue: str = "",
+        capacity: int = 1024,
+        overflow: Overflow = Overflow.DROP_NEWEST,
+    ) -> AsyncIterator[Subscription[T]]:
+        """Subscribe with a caller's decoder (size-checked first).
+
+        The decoder signals bad input by raising `MessageError` (dropped and
+        counted); any other exception is a bug and fails the bus.
+        """
+        check = raw_decoder(self.options.max_message_bytes)
+        sub = Subscription(
+            subject, capacity, overflow, lambda data: decode(check(data)), self.stats.drops
         )
         async with self._subscribed(sub, queue):
             yield sub

@@ -126,3 +126,28 @@ async def test_bad_url_is_refused() -> None:
     with pytest.raises(BusConnectError, match="not a NATS URL"):
         async with connect("http://127.0.0.1:4222"):
             pass
+
+
+async def test_custom_decoder_bad_input_is_dropped_but_a_bug_fails_the_bus(
+    nats_server: NatsServer,
+) -> None:
+    from mesh.messages import UndecodableMessage
+
+    def decode(data: bytes) -> int:
+        if data == b"boom":
+            raise RuntimeError("decoder bug")
+        if not data.isdigit():
+            raise UndecodableMessage(f"not a number: {data!r}")
+        return int(data)
+
+    with pytest.raises(RuntimeError, match="decoder bug"):
+        async with connect(nats_server.url) as bus, bus.subscribe_decoded("t.num", decode) as sub:
+            bus.publish_nowait("t.num", b"abc")
+            bus.publish_nowait("t.num", b"42")
+            with trio.fail_after(5):
+                assert (await sub.receive()).body == 42
+            assert bus.stats.drops["undecodable"] == 1
+            # An exception from inside nats-py's callback must reach this trio code.
+            bus.publish_nowait("t.num", b"boom")
+            with trio.fail_after(5):
+                await trio.sleep_forever()

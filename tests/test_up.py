@@ -144,3 +144,35 @@ async def test_replicas_exit_when_their_supervisor_is_killed(tmp_path: Path) -> 
         for pid in nats_pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_nats_cluster_command_and_up_joining_it(tmp_path: Path) -> None:
+    cluster = await trio.lowlevel.open_process(
+        [*MESH, "nats", "--cluster", "3", "--state-dir", str(tmp_path / "nats"), "--ready-line"],
+        stdout=subprocess.PIPE,
+    )
+    up: trio.Process | None = None
+    try:
+        urls = (await read_ready_line(cluster))["urls"]
+        assert len(urls) == 3
+        up = await trio.lowlevel.open_process(
+            [*MESH, "up", "--nats", ",".join(urls), "--replicas", "2", "--ready-line"],
+            stdout=subprocess.PIPE,
+        )
+        info = await read_ready_line(up)
+        assert info["nats"] == urls and sorted(info["replicas"]) == ["cp-1", "cp-2"]
+        # Any node will do: the cluster routes the request to a replica.
+        seen = set()
+        for url in urls:
+            pong = json.loads((await mesh("ping", "--nats", url, "--json")).stdout)
+            seen.add(pong["replica"])
+        assert seen <= {"cp-1", "cp-2"}
+        for proc in (up, cluster):
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                assert await proc.wait() == 0
+    finally:
+        for proc in (up, cluster):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()

@@ -190,6 +190,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="2 s per point instead of 5 s")
     ap.add_argument("--seconds", type=float, help="seconds per point")
     ap.add_argument("--conns", default="1,16,64", help="concurrency levels, comma separated")
+    ap.add_argument("--only", help="measure only setups whose name contains this (plus direct)")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 5.0)
     conns = [int(c) for c in args.conns.split(",")]
@@ -216,6 +217,8 @@ def main() -> int:
         client, client_pid = stack.sidecar("bench2", 1, client_snapshot(server["inbound"]))
         setups.append(("sidecar 2 hops", client["outbound"], 2, [client_pid, server_pid]))
 
+        if args.only:
+            setups = [x for x in setups if x[0] == "direct" or args.only in x[0]]
         results: dict[tuple[str, int], Point] = {}
         for name, port, _, pids in setups:
             run_wrk(port, 16, 1, pids)  # warm up pools and caches
@@ -258,6 +261,8 @@ def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
     print("\nratios, sidecar / HAProxy (goal: latency <= 1.2x, requests per CPU-second >= 0.5x)")
     for hops in ("1 hop", "2 hops"):
         s, h = f"sidecar {hops}", f"haproxy {hops}"
+        if (s, cmax) not in results or (h, cmax) not in results:
+            continue
         lat = added[s] / added[h] if added.get(h, 0) > 0 else float("nan")
         eff = cpu[h] / cpu[s] if cpu.get(s, 0) > 0 else float("nan")
         rps = results[(s, cmax)].rps / results[(h, cmax)].rps

@@ -47,6 +47,17 @@ class FastSocket:
             except BlockingIOError:
                 continue
 
+    async def receive_after_wait(self, max_bytes: int = 65536) -> bytes:
+        """For reads that are rarely ready at once (the next request on a keep-alive
+        connection, the response right after sending its request): skip the try that
+        would fail with EAGAIN and its exception."""
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                return os.read(self.fd, max_bytes)
+            except BlockingIOError:
+                continue
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
             sent = os.write(self.fd, data)

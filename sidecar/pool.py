@@ -13,6 +13,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -31,13 +32,18 @@ class Overflow(Exception):
 
 
 class UpstreamConn:
-    __slots__ = ("breaker", "endpoint", "idle_since", "io", "reader", "requests", "stream")
+    __slots__ = ("breaker", "endpoint", "idle_since", "io", "reader", "requests", "stream",
+                 "wait_recv")
 
     def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint,
                  breaker: BreakerState) -> None:
         self.stream = stream
         # Plain sockets take the fast path; a TLS stream is used through its own API.
         self.io: ByteIO = FastSocket(stream) if isinstance(stream, trio.SocketStream) else stream
+        # The first read after sending a request: waiting first saves a failed syscall.
+        self.wait_recv: Callable[[int], Awaitable[bytes | bytearray]] = (
+            self.io.receive_after_wait if isinstance(self.io, FastSocket)
+            else self.io.receive_some)
         self.endpoint = endpoint
         self.breaker = breaker
         self.reader = ResponseReader()
@@ -52,7 +58,8 @@ class UpstreamConn:
         elif isinstance(s, trio.SSLStream) and isinstance(s.transport_stream, trio.SocketStream):
             s.transport_stream.socket.close()
         self.breaker.open_connections -= 1
-        self.breaker.released.unpark()
+        if self.breaker.pending:
+            self.breaker.released.unpark()
 
 
 def _still_open(conn: UpstreamConn) -> bool:
@@ -116,7 +123,8 @@ class Pool:
                 stream: trio.abc.Stream = await trio.open_tcp_stream(ep.host, ep.port)
         except (OSError, trio.TooSlowError) as exc:
             breaker.open_connections -= 1
-            breaker.released.unpark()
+            if breaker.pending:
+                breaker.released.unpark()
             raise ConnectFailed(f"connect to {ep} failed: "
                                 f"{'timeout' if isinstance(exc, trio.TooSlowError) else exc}"
                                 ) from None
@@ -141,7 +149,8 @@ class Pool:
             return
         conn.idle_since = trio.current_time()
         self._idle.setdefault(conn.endpoint, []).append(conn)
-        conn.breaker.released.unpark()
+        if conn.breaker.pending:  # only waiters need waking; most releases have none
+            conn.breaker.released.unpark()
 
     def close_all(self) -> None:
         for conns in self._idle.values():

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import trio
 
+from actors.ca import CaActor
 from actors.ping import PingActor
 from actors.runtime import Actor, ActorContext, Supervisor
 from bus.client import connect
@@ -15,7 +16,7 @@ log = logging.getLogger("mesh.controlplane")
 
 
 def default_actors() -> list[Actor]:
-    return [PingActor()]
+    return [PingActor(), CaActor()]
 
 
 async def run_replica(

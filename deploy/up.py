@@ -16,10 +16,15 @@ from pathlib import Path
 
 import trio
 
+from actors.ca_config import secret_env_for_children
 from bus.server import NatsServer, NodeSpec
 from deploy.supervisor import ChildProcess
+from deploy.topology import Topology
+from deploy.topology_plan import Plan, make_plan
+from deploy.topology_run import RunningTopology, run_topology
 from mesh.concurrency import unwrap_single
 from mesh.errors import ConfigError
+from mesh.processes import free_port
 from mesh.signals import cancel_on_signals
 
 DEFAULT_NATS_PORT = 4222
@@ -31,6 +36,8 @@ class UpConfig:
     nats_urls: list[str] = field(default_factory=list)  # empty: run an embedded node
     nats_port: int = DEFAULT_NATS_PORT
     replicas: int = 1
+    topology: Topology | None = None
+    ingress_port: int | None = None  # overrides the topology's ingress port (0: any free port)
 
 
 def controlplane_argv(nats_urls: Sequence[str], replica: str, verbosity: int = 0) -> list[str]:
@@ -65,6 +72,7 @@ class Running:
     nats_urls: list[str]
     nats: NatsServer | None
     replicas: list[ChildProcess]
+    topology: RunningTopology | None = None
 
     def describe(self) -> str:
         lines = ["trio-mesh is up"]
@@ -77,6 +85,8 @@ class Running:
             lines.append(f"  nats          {', '.join(self.nats_urls)}  (existing cluster)")
         for child in self.replicas:
             lines.append(f"  controlplane  {child.name}  pid {child.pid}  actors: ping")
+        if self.topology is not None:
+            lines.append(self.topology.describe())
         lines.append("Try `mesh ping` in another shell. Stop with Ctrl-C.")
         return "\n".join(lines)
 
@@ -103,11 +113,26 @@ async def run_up(
                     )
                     nats = await outer.start(NatsServer(spec).run)
                     urls = [nats.url]
+                env = secret_env_for_children(config.state_dir)  # CA operator secret
                 async with trio.open_nursery() as cp:
                     replicas = []
                     for i in range(config.replicas):
                         name = f"cp-{i + 1}"
-                        child = ChildProcess(name, controlplane_argv(urls, name, verbosity))
+                        child = ChildProcess(name, controlplane_argv(urls, name, verbosity), env=env)
                         replicas.append(await cp.start(child.run))
-                    task_status.started(Running(urls, nats, replicas))
+                    running = Running(urls, nats, replicas)
+                    if config.topology is not None:
+                        plan = make_plan(config.topology, free_port, config.ingress_port)
+                        # Nested: apps and sidecars stop before the control plane and NATS.
+                        apps = await cp.start(_run_nested, plan, config.state_dir)
+                        running.topology = apps
+                    task_status.started(running)
             outer.cancel_scope.cancel()
+
+
+async def _run_nested(
+    plan: Plan, state_dir: Path, *, task_status: trio.TaskStatus[RunningTopology] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(run_topology, plan, state_dir)
+        task_status.started(running)

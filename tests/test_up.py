@@ -57,7 +57,7 @@ async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(tmp_pa
         cp_pid = info["replicas"]["cp-1"]
         answer = await mesh("ping", "--nats", nats, "--json")
         pong = json.loads(answer.stdout)
-        assert pong["replica"] == "cp-1" and pong["actors"] == ["ping"]
+        assert pong["replica"] == "cp-1" and "ping" in pong["actors"]
 
         # A crashed replica is restarted by the supervisor and answers again.
         os.kill(cp_pid, signal.SIGKILL)

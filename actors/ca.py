@@ -1,0 +1,402 @@
+"""The CA actor: a singleton behind a lease that signs SVIDs from CSRs over NATS.
+
+Every control-plane replica runs one; the one holding the ``ca`` lease (actors/lease.py) is the
+leader and the only one subscribed to ``mesh.ca.sign``. The others wait as standbys.
+
+State, all in the ``mesh_ca`` KV bucket, none of it secret in clear:
+
+* ``ca``: ``pki.seal_ca(ca, operator secret)``: certificates and roots in clear, the signing
+  key AES-256-GCM-sealed under scrypt(operator secret). The first leader generates a root (or
+  loads the operator's files) and creates this key; every later leader -- a standby after a
+  failover, or a restarted replica -- unseals it with the secret from *its own* environment.
+  So a failover keeps the same root and key, and the key is never on the bus in clear.
+* ``bundle``: the current ``BundleAnnounce`` (also published on ``mesh.ca.bundle`` on every
+  change and every ``announce_interval``), for agents and tools that start later.
+* ``rotation``: when a rotation is in progress, when it started and the old roots.
+
+Join tokens live in ``mesh_tokens`` (``mesh.tokens``: hashed, CAS-redeemed).
+
+A CSR request (``CsrRequest``) carries either a join token (first certificate) or the current
+chain plus a renewal proof. The identity signed is always the one the credential allows (the
+token's, or the current certificate's); ``sign_csr`` refuses a CSR asking for anything else.
+Refusals go back as ``CsrReply(ok=False, reason, message)``; the agent rebuilds the typed
+error with ``pki.refusal_from_reason``. Signing (~120 us) runs inline in one of ``workers``
+tasks; first-issue requests wait on KV for the token, so several run concurrently.
+
+Rotation (``mesh ca rotate``; docs/identity.md "Rotation, step by step"): ``rotate`` makes a new
+root, signs with it and trusts old + new (overlap); agents renew early when the announced
+signing CA is not their issuer; ``retire`` drops the old roots once every old leaf has expired
+or been re-issued (refused before ``introduced_at + leaf_ttl`` unless forced).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import trio
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from actors.ca_config import CaConfig, CaConfigError, KvTokenStore
+from actors.lease import Lease, LeaseTerm, open_leases
+from actors.runtime import ActorContext
+from bus import subjects
+from bus.client import Bus
+from bus.errors import KVConflict
+from bus.kv import KV, open_kv
+from bus.subscription import Subscription
+from mesh import pki
+from mesh.errors import BusError, IdentityError, MeshError
+from mesh.messages import (
+    BundleAnnounce,
+    CaCommand,
+    CaCommandReply,
+    CsrReply,
+    CsrRequest,
+    Message,
+    encode,
+)
+from mesh.pki_csr import checked_csr_key
+from mesh.pki_errors import CsrRefused
+from mesh.tokens import key_fingerprint, redeem_token
+
+log = logging.getLogger("mesh.ca")
+
+__all__ = ["CaActor", "CaConfig", "CaConfigError", "signing_root"]
+
+KEY_CA, KEY_BUNDLE, KEY_ROTATION = "ca", "bundle", "rotation"
+LEASE_NAME = "ca"
+
+
+def signing_root(ca: pki.CertificateAuthority) -> x509.Certificate:
+    """The root of the bundle that the CA's own chain leads to."""
+    top = ca.intermediates[-1] if ca.intermediates else ca.certificate
+    if top in ca.bundle:
+        return top
+    for root in ca.bundle.issuers_named(top.issuer):
+        try:
+            top.verify_directly_issued_by(root)
+            return root
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    raise pki.CaLoadError("the CA chain does not lead to any root of its bundle")
+
+
+class CaActor:
+    """Actor ``ca``. ``config=None`` reads the environment when it starts (``CaConfig``)."""
+
+    name = "ca"
+
+    def __init__(self, config: CaConfig | None = None, *, clock: Callable[[], float] = time.time):
+        self._config = config
+        self._clock = clock
+        self.ca: pki.CertificateAuthority | None = None  # set while leading
+        self.leading = trio.Event()  # set while this replica serves as leader
+        self.signed = 0
+        self.refused = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(
+        self, ctx: ActorContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        config = self._config if self._config is not None else CaConfig.from_env()
+        bus = ctx.bus
+        kv_ca = await open_kv(bus, subjects.KV_CA, replicas=config.kv_replicas)
+        kv_tokens = await open_kv(bus, subjects.KV_TOKENS, replicas=config.kv_replicas)
+        leases = await open_leases(bus, replicas=config.kv_replicas)
+        lease = Lease(leases, LEASE_NAME, ctx.replica, ttl=config.lease_ttl)
+        lead = functools.partial(self._lead, ctx, config, kv_ca, KvTokenStore(kv_tokens))
+        await lease.run_as_leader(lead, task_status=task_status)
+
+    async def _lead(
+        self,
+        ctx: ActorContext,
+        config: CaConfig,
+        kv_ca: KV,
+        store: KvTokenStore,
+        term: LeaseTerm,
+    ) -> None:
+        try:
+            revision = await self._load_or_create(config, kv_ca)
+            assert self.ca is not None
+            log.info(
+                "%s: CA leader for %s, signing root %s",
+                ctx.replica,
+                self.ca.trust_domain,
+                pki.fingerprint(signing_root(self.ca))[:16],
+            )
+            state = _LeaderState(self, ctx, config, kv_ca, store, revision)
+            await state.announce(store_kv=True)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(state.serve_csrs)
+                await nursery.start(state.serve_commands)
+                nursery.start_soon(state.announce_periodically)
+                self.leading.set()
+        finally:
+            self.ca = None
+            self.leading = trio.Event()
+
+    async def _load_or_create(self, config: CaConfig, kv: KV) -> int:
+        """Unseal the CA from KV, or make (generate / load operator files) and store it."""
+        while True:
+            entry = await kv.get(KEY_CA)
+            if entry is not None:
+                ca = await trio.to_thread.run_sync(pki.unseal_ca, entry.value, config.secret)
+                if ca.trust_domain != config.trust_domain and config.cert_pem is None:
+                    log.warning(
+                        "KV holds the CA of trust domain %r; MESH_TRUST_DOMAIN=%r is ignored",
+                        ca.trust_domain,
+                        config.trust_domain,
+                    )
+                self.ca = ca
+                return entry.revision
+            if config.cert_pem is not None and config.key_pem is not None:
+                ca = pki.load_ca(
+                    config.trust_domain,
+                    config.cert_pem,
+                    config.key_pem,
+                    password=config.key_password,
+                    bundle_pem=config.bundle_pem,
+                )
+                how = "loaded the operator's CA"
+            else:
+                ca = pki.generate_root(config.trust_domain)
+                how = "generated a new root"
+            blob = await trio.to_thread.run_sync(pki.seal_ca, ca, config.secret)
+            try:
+                revision = await kv.create(KEY_CA, blob)
+            except KVConflict:
+                continue  # another leader stored one first (should not happen under the lease)
+            log.warning(
+                "CA: %s for trust domain %s (root %s); key sealed in KV",
+                how,
+                ca.trust_domain,
+                pki.fingerprint(signing_root(ca))[:16],
+            )
+            self.ca = ca
+            return revision
+
+
+class _LeaderState:
+    """What one term of leadership serves. Holds the KV revision of the sealed CA."""
+
+    def __init__(
+        self,
+        actor: CaActor,
+        ctx: ActorContext,
+        config: CaConfig,
+        kv: KV,
+        store: KvTokenStore,
+        revision: int,
+    ) -> None:
+        self.actor = actor
+        self.ctx = ctx
+        self.bus: Bus = ctx.bus
+        self.config = config
+        self.kv = kv
+        self.store = store
+        self.revision = revision
+        self._changing = trio.Lock()
+
+    @property
+    def ca(self) -> pki.CertificateAuthority:
+        assert self.actor.ca is not None
+        return self.actor.ca
+
+    # -- bundle ---------------------------------------------------------------------------------
+
+    def bundle_message(self) -> BundleAnnounce:
+        ca = self.ca
+        return BundleAnnounce(
+            trust_domain=ca.trust_domain,
+            roots_pem=ca.bundle.pem,
+            signing_ca=ca.certificate.public_bytes(Encoding.DER),
+            leader=self.ctx.replica,
+        )
+
+    async def announce(self, *, store_kv: bool = False) -> None:
+        msg = self.bundle_message()
+        if store_kv:
+            await self.kv.put(KEY_BUNDLE, encode(msg))
+        await self.bus.publish(subjects.CA_BUNDLE, msg)
+
+    async def announce_periodically(self) -> None:
+        while True:
+            await trio.sleep(self.config.announce_interval)
+            await self.announce()
+
+    # -- CSRs -----------------------------------------------------------------------------------
+
+    async def serve_csrs(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with self.bus.subscribe(
+            subjects.CA_SIGN, queue=subjects.CA_QUEUE, capacity=8192
+        ) as sub:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.config.workers):
+                    nursery.start_soon(self._csr_worker, sub)
+                task_status.started()
+
+    async def _csr_worker(self, sub: Subscription[Message]) -> None:
+        async for delivery in sub:
+            body = delivery.body
+            if isinstance(body, CsrRequest) and delivery.reply:
+                reply = await self.handle_csr(body)
+                self.bus.reply(delivery, reply)
+
+    async def handle_csr(self, req: CsrRequest) -> CsrReply:
+        ca = self.ca  # one CA for the whole request, even if a rotation lands meanwhile
+        try:
+            ident = pki.parse_spiffe_id(req.identity, trust_domain=ca.trust_domain)
+            if req.chain:
+                chain = pki.IssuedSvid.from_der(req.chain).chain
+                pki.verify_renewal(chain, req.proof, req.csr, ca.bundle, ident)
+                issued = ca.sign_csr(req.csr, ident, ttl=self.config.leaf_ttl)
+            elif req.token:
+                # CSR first, so a bad CSR does not spend a token use.
+                _, pub = checked_csr_key(req.csr, ident, allowed_curves=ca.allowed_curves)
+                await redeem_token(self.store, req.token, ident, key=key_fingerprint(pub))
+                issued = ca.issue(ident, pub, ttl=self.config.leaf_ttl)
+            else:
+                raise CsrRefused(
+                    "the request carries no credential: send a join token (first "
+                    "certificate) or the current chain with a renewal proof"
+                )
+        except IdentityError as exc:
+            self.actor.refused += 1
+            reason = str(getattr(exc, "reason", "refused"))
+            log.info("CA refused %s: %s (%s)", req.identity, exc, reason)
+            return CsrReply(ok=False, reason=reason, message=str(exc))
+        except BusError as exc:
+            self.actor.refused += 1
+            return CsrReply(
+                ok=False, reason="ca-unavailable", message=f"the CA could not check: {exc}"
+            )
+        self.actor.signed += 1
+        return CsrReply(
+            ok=True,
+            chain=list(issued.chain_der),
+            bundle_pem=ca.bundle.pem,
+            signing_ca=ca.certificate.public_bytes(Encoding.DER),
+        )
+
+    # -- commands (mesh ca ...) -----------------------------------------------------------------
+
+    async def serve_commands(self, *, task_status: trio.TaskStatus[None]) -> None:
+        async with self.bus.subscribe(subjects.CA_COMMAND, queue=subjects.CA_QUEUE) as sub:
+            task_status.started()
+            async for delivery in sub:
+                if not isinstance(delivery.body, CaCommand):
+                    continue
+                try:
+                    async with self._changing:
+                        reply = await self.command(delivery.body)
+                except MeshError as exc:
+                    reply = self.status(False, str(exc), reason=type(exc).__name__)
+                self.bus.reply(delivery, reply)
+
+    def status(self, ok: bool, message: str, *, reason: str = "") -> CaCommandReply:
+        ca = self.ca
+        return CaCommandReply(
+            ok=ok,
+            message=message,
+            leader=self.ctx.replica,
+            trust_domain=ca.trust_domain,
+            roots=ca.bundle.fingerprints(),
+            signing_root=pki.fingerprint(signing_root(ca)),
+            reason=reason,
+        )
+
+    async def command(self, cmd: CaCommand) -> CaCommandReply:
+        if cmd.action == "status":
+            rotation = await self._rotation_state()
+            if rotation is None:
+                return self.status(True, "no rotation in progress")
+            return self.status(
+                True, f"rotation in progress since {_iso(rotation['introduced_at'])}"
+            )
+        if cmd.action == "rotate":
+            return await self._rotate()
+        if cmd.action == "retire":
+            return await self._retire(force=cmd.force)
+        return self.status(False, f"unknown CA command {cmd.action!r}", reason="bad-command")
+
+    async def _rotation_state(self) -> dict[str, float | list[str]] | None:
+        entry = await self.kv.get(KEY_ROTATION)
+        if entry is None:
+            return None
+        state: dict[str, float | list[str]] = json.loads(entry.value)
+        return state
+
+    async def _store(self, ca: pki.CertificateAuthority) -> None:
+        blob = await trio.to_thread.run_sync(pki.seal_ca, ca, self.config.secret)
+        self.revision = await self.kv.update(KEY_CA, blob, self.revision)  # CAS: still ours
+        self.actor.ca = ca
+        await self.announce(store_kv=True)
+
+    async def _rotate(self) -> CaCommandReply:
+        old = self.ca
+        if len(old.bundle) > 1:
+            return self.status(
+                False,
+                "a rotation is already in progress (the bundle holds several roots): retire the "
+                "old root first with `mesh ca rotate --retire`",
+                reason="rotation-in-progress",
+            )
+        if self.config.cert_pem is not None:
+            return self.status(
+                False,
+                "this CA uses the operator's certificate (MESH_CA_CERT): rotate it by replacing "
+                "the files; `mesh ca rotate` only rotates generated roots",
+                reason="operator-ca",
+            )
+        new_root = pki.generate_root(old.trust_domain)
+        overlap = old.bundle.with_root(new_root.certificate)
+        await self.kv.put(
+            KEY_ROTATION,
+            json.dumps(
+                {"introduced_at": self.actor._clock(), "old_roots": old.bundle.fingerprints()}
+            ).encode(),
+        )
+        await self._store(new_root.with_roots(overlap.roots))
+        fp = pki.fingerprint(new_root.certificate)
+        log.warning("CA rotation: new root %s introduced, old roots still trusted", fp[:16])
+        return self.status(
+            True,
+            f"new root {fp[:16]} signs from now on; both roots are trusted. Agents renew early; "
+            f"retire the old root after {self.config.leaf_ttl} with `mesh ca rotate --retire`",
+        )
+
+    async def _retire(self, *, force: bool) -> CaCommandReply:
+        ca = self.ca
+        if len(ca.bundle) == 1:
+            return self.status(False, "no old root to retire", reason="no-rotation")
+        rotation = await self._rotation_state()
+        introduced = rotation.get("introduced_at") if rotation else None
+        if isinstance(introduced, int | float):
+            safe_at = introduced + self.config.leaf_ttl.total_seconds()
+            if self.actor._clock() < safe_at and not force:
+                return self.status(
+                    False,
+                    f"leaves of the old root may be valid until {_iso(safe_at)}; retiring now "
+                    "would cut off agents that have not renewed yet (check `mesh certs`, or "
+                    "pass --force)",
+                    reason="too-early",
+                )
+        root = signing_root(ca)
+        await self._store(ca.with_roots([root]))
+        await self.kv.delete(KEY_ROTATION)
+        log.warning("CA rotation: old roots retired; only %s is trusted", pki.fingerprint(root))
+        return self.status(True, f"old roots retired; only {pki.fingerprint(root)[:16]} is trusted")
+
+
+def _iso(ts: float | list[str]) -> str:
+    if not isinstance(ts, int | float):
+        return "?"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")

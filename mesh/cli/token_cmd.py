@@ -1,0 +1,81 @@
+"""`mesh token create`: issue a join token for one service account (printed once)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import timedelta
+from typing import Any
+
+from actors.ca_config import KvTokenStore, parse_duration
+from bus import subjects
+from bus.client import Bus, connect
+from bus.kv import open_kv
+from mesh import tokens
+from mesh.cli.common import add_nats_flag, run_trio
+from mesh.errors import ConfigError, MeshError
+from mesh.messages import BundleAnnounce, MessageError, decode_as
+from mesh.spiffe import SpiffeId
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "token", help="join tokens that let a sidecar obtain its first certificate"
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = actions.add_parser("create", help="issue a token for one namespace/service account")
+    add_nats_flag(c)
+    c.add_argument("--namespace", "-n", required=True)
+    c.add_argument("--service-account", "-s", required=True)
+    c.add_argument("--ttl", default="24h", help="validity: 90s, 15m, 24h, 7d (default 24h)")
+    c.add_argument("--uses", type=int, default=1, help="redemptions allowed (default 1)")
+    c.add_argument("--trust-domain", default="", help="default: the trust domain of the running CA")
+    c.set_defaults(func=cmd_create)
+
+
+async def trust_domain_of_running_ca(bus: Bus) -> str:
+    """The trust domain from the bundle the CA leader stored in KV."""
+    kv = await open_kv(bus, subjects.KV_CA)
+    entry = await kv.get("bundle")
+    if entry is None:
+        raise ConfigError(
+            "no CA has published a trust bundle yet (is the control plane up?); "
+            "pass --trust-domain to create the token anyway"
+        )
+    try:
+        return decode_as(entry.value, BundleAnnounce).trust_domain
+    except MessageError as exc:
+        raise ConfigError(f"the stored trust bundle is unreadable: {exc}") from None
+
+
+async def create_token(
+    bus: Bus, identity: SpiffeId, *, ttl: timedelta = tokens.DEFAULT_TOKEN_TTL, uses: int = 1
+) -> tuple[str, tokens.TokenRecord]:
+    """Issue a token and store its (hashed) record where the CA redeems it."""
+    try:
+        text, record = tokens.issue_token(identity, ttl=ttl, max_uses=uses)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    kv = await open_kv(bus, subjects.KV_TOKENS)
+    if not await KvTokenStore(kv).put(record, revision=None):
+        raise MeshError("token id collision; run the command again")
+    return text, record
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    ttl = parse_duration(args.ttl, "--ttl")
+
+    async def main() -> int:
+        async with connect(args.nats, name="mesh-token", connect_timeout=3.0) as bus:
+            td = args.trust_domain or await trust_domain_of_running_ca(bus)
+            identity = SpiffeId(td, args.namespace, args.service_account)
+            text, record = await create_token(bus, identity, ttl=ttl, uses=args.uses)
+        print(text, flush=True)
+        print(
+            f"join token {record.token_id} for {identity}: {record.max_uses} use(s), expires "
+            f"{record.expires().isoformat(timespec='seconds')}. It is shown only this once.",
+            file=sys.stderr,
+        )
+        return 0
+
+    return run_trio(main)

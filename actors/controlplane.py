@@ -10,13 +10,14 @@ import trio
 from actors.ca import CaActor
 from actors.ping import PingActor
 from actors.runtime import Actor, ActorContext, Supervisor
+from actors.telemetry import TelemetryActor
 from bus.client import connect
 
 log = logging.getLogger("mesh.controlplane")
 
 
 def default_actors() -> list[Actor]:
-    return [PingActor(), CaActor()]
+    return [PingActor(), CaActor(), TelemetryActor.from_env()]
 
 
 async def run_replica(

@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "mesh.cli.ping_cmd",
     "mesh.cli.controlplane_cmd",
     "mesh.cli.sidecar_cmd",
+    "mesh.cli.top_cmd",
+    "mesh.cli.telemetry_cmd",
     "mesh.cli.token_cmd",
     "mesh.cli.ca_cmd",
     "mesh.cli.certs_cmd",

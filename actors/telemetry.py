@@ -1,0 +1,270 @@
+"""The telemetry aggregator actor: sidecar batches in, golden signals and the graph out.
+
+- subscribes to ``mesh.telemetry.>`` with no queue group: every replica merges
+  every batch (deduplicated by instance, epoch and seq, mesh/stats_graph.py), so
+  any replica can answer and a failover neither loses nor double counts;
+- publishes each edge's golden signals every second on ``mesh.golden.<src>.<dst>``;
+- answers ``mesh.graph.query`` (queue group: one replica answers) with the graph;
+- keeps recent spans from ``mesh.spans.>`` and answers ``mesh.trace.query``;
+- serves mesh-wide Prometheus metrics on an HTTP port (``/metrics``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from actors.httpserve import Request, Response, bind, bound_port, serve
+from actors.runtime import ActorContext
+from bus import subjects
+from bus.subscription import Overflow
+from mesh.errors import MeshError
+from mesh.messages import (
+    GoldenSummary,
+    GraphQuery,
+    GraphReply,
+    SpanRecord,
+    TraceQuery,
+    TraceReply,
+)
+from mesh.stats_graph import GraphState
+from mesh.stats_window import WINDOWS
+from mesh.telemetry import parse_batch
+
+log = logging.getLogger("mesh.actors.telemetry")
+
+DEFAULT_METRICS_PORT = 9464
+MAX_TRACES = 10_000
+MAX_SPANS_PER_TRACE = 256
+
+
+def span_dict(s: SpanRecord) -> dict[str, Any]:
+    return {
+        "trace_id": s.trace_id,
+        "span_id": s.span_id,
+        "parent_id": s.parent_id,
+        "name": s.name,
+        "service": s.service,
+        "start_ns": s.start_ns,
+        "end_ns": s.end_ns,
+        "attrs": s.attrs,
+        "error": s.error,
+    }
+
+
+class SpanStore:
+    """The last MAX_TRACES traces' spans, oldest trace evicted first."""
+
+    def __init__(self, max_traces: int = MAX_TRACES) -> None:
+        self.max_traces = max_traces
+        self.traces: dict[str, list[dict[str, Any]]] = {}
+
+    def add(self, span: SpanRecord) -> None:
+        spans = self.traces.get(span.trace_id)
+        if spans is None:
+            if len(self.traces) >= self.max_traces:
+                del self.traces[next(iter(self.traces))]
+            spans = self.traces[span.trace_id] = []
+        if len(spans) < MAX_SPANS_PER_TRACE and all(x["span_id"] != span.span_id for x in spans):
+            spans.append(span_dict(span))
+
+    def get(self, trace_id: str) -> list[dict[str, Any]]:
+        return sorted(self.traces.get(trace_id.lower(), []), key=lambda s: s["start_ns"])
+
+
+class MeshCollector(Collector):
+    def __init__(self, state: GraphState) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        st = self.state
+        now = trio.current_time()
+        labels = ["source_service", "destination_service"]
+        req = CounterMetricFamily(
+            "mesh_edge_requests", "requests per service pair, all sidecars", labels=labels
+        )
+        err = CounterMetricFamily(
+            "mesh_edge_errors", "failed requests (5xx or no response) per pair", labels=labels
+        )
+        dur = HistogramMetricFamily(
+            "mesh_edge_request_duration_seconds", "request duration per pair", labels=labels
+        )
+        for (src, dst), agg in sorted(st.totals.items()):
+            req.add_metric([src, dst], agg.requests)
+            err.add_metric([src, dst], agg.errors)
+            dur.add_metric(
+                [src, dst],
+                [
+                    ("+Inf" if le == float("inf") else repr(le), n)
+                    for le, n in agg.hist.cumulative(4)
+                ],
+                agg.hist.sum,
+            )
+        yield req
+        yield err
+        yield dur
+        wl = [*labels, "window"]
+        rps = GaugeMetricFamily("mesh_edge_requests_per_second", "request rate", labels=wl)
+        ratio = GaugeMetricFamily("mesh_edge_error_ratio", "failed / all requests", labels=wl)
+        lat = GaugeMetricFamily(
+            "mesh_edge_latency_seconds",
+            "latency quantiles from merged histograms",
+            labels=[*wl, "quantile"],
+        )
+        for edge in sorted(st.edges):
+            for window, g in st.edge_signals(edge, now).items():
+                rps.add_metric([*edge, window], g["rps"])
+                ratio.add_metric([*edge, window], g["error_rate"])
+                for q in ("p50", "p90", "p99"):
+                    v = g[f"{q}_ms"]
+                    if v is not None:
+                        lat.add_metric([*edge, window, "0." + q[1:]], v / 1000)
+        yield rps
+        yield ratio
+        yield lat
+        for name, value, text in (
+            ("mesh_telemetry_batches", st.stats.batches, "batches merged"),
+            ("mesh_telemetry_duplicate_batches", st.stats.duplicates, "batches seen twice"),
+            ("mesh_telemetry_lost_batches", st.stats.lost, "batches missing (seq gaps)"),
+            ("mesh_telemetry_bad_batches", st.stats.bad, "batches refused (schema)"),
+        ):
+            c = CounterMetricFamily(name, text)
+            c.add_metric([], value)
+            yield c
+
+
+class TelemetryActor:
+    name = "telemetry"
+
+    def __init__(
+        self,
+        *,
+        metrics_port: int | None = DEFAULT_METRICS_PORT,
+        host: str = "127.0.0.1",
+        publish_interval: float = 1.0,
+    ) -> None:
+        self.metrics_port_wanted = metrics_port
+        self.host = host
+        self.publish_interval = publish_interval
+        self.metrics_port = 0
+        self.state = GraphState()
+        self.spans = SpanStore()
+        self.registry = CollectorRegistry()
+        self.registry.register(MeshCollector(self.state))
+
+    @classmethod
+    def from_env(cls) -> TelemetryActor:
+        raw = os.environ.get("MESH_METRICS_PORT", str(DEFAULT_METRICS_PORT))
+        return cls(
+            metrics_port=None if raw in ("", "off") else int(raw),
+            host=os.environ.get("MESH_HTTP_HOST", "127.0.0.1"),
+        )
+
+    async def run(
+        self, ctx: ActorContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # A restarted actor starts from an empty graph (the windows refill within 5 min).
+        self.state = GraphState()
+        self.registry = CollectorRegistry()
+        self.registry.register(MeshCollector(self.state))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._ingest, ctx)
+            await nursery.start(self._spans, ctx)
+            await nursery.start(self._queries, ctx)
+            if self.metrics_port_wanted is not None:
+                listeners = await bind(self.host, self.metrics_port_wanted)
+                self.metrics_port = bound_port(listeners)
+                nursery.start_soon(serve, listeners, self._http)
+                log.info("mesh metrics on http://%s:%d/metrics", self.host, self.metrics_port)
+            nursery.start_soon(self._publish_golden, ctx)
+            task_status.started()
+
+    async def _ingest(self, ctx: ActorContext, *, task_status: trio.TaskStatus[None]) -> None:
+        state = self.state
+        # Decoded on the bus's side of the callback; a batch that breaks the schema is
+        # dropped and counted in bus.stats.drops (BadBatch is a MessageError).
+        async with ctx.bus.subscribe_decoded(
+            subjects.TELEMETRY_ALL, parse_batch, capacity=65536, overflow=Overflow.DROP_OLDEST
+        ) as sub:
+            task_status.started()
+            async for d in sub:
+                state.ingest(d.body, trio.current_time())
+
+    async def _spans(self, ctx: ActorContext, *, task_status: trio.TaskStatus[None]) -> None:
+        async with ctx.bus.subscribe(subjects.SPANS_ALL, capacity=16384) as sub:
+            task_status.started()
+            async for d in sub:
+                if isinstance(d.body, SpanRecord):
+                    self.spans.add(d.body)
+
+    async def _queries(self, ctx: ActorContext, *, task_status: trio.TaskStatus[None]) -> None:
+        async with (
+            ctx.bus.subscribe(subjects.GRAPH_QUERY, queue=subjects.TELEMETRY_QUEUE) as graph_q,
+            ctx.bus.subscribe(subjects.TRACE_QUERY, queue=subjects.TELEMETRY_QUEUE) as trace_q,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def traces() -> None:
+                async for d in trace_q:
+                    if isinstance(d.body, TraceQuery):
+                        spans = self.spans.get(d.body.trace_id)
+                        ctx.bus.reply(d, TraceReply(trace_id=d.body.trace_id, spans=spans))
+
+            nursery.start_soon(traces)
+            task_status.started()
+            async for d in graph_q:
+                if isinstance(d.body, GraphQuery):
+                    ctx.bus.reply(d, self.graph_reply(ctx.replica, d.body.window))
+
+    def graph_reply(self, replica: str, window: str) -> GraphReply:
+        if window not in WINDOWS:
+            window = "10s"
+        nodes, edges = self.state.graph(window, trio.current_time())
+        return GraphReply(
+            replica=replica,
+            ts=time.time(),
+            window=window,
+            nodes=nodes,
+            edges=edges,
+            ingest={**self.state.stats.to_dict(), "metrics_port": self.metrics_port},
+        )
+
+    async def _publish_golden(self, ctx: ActorContext) -> None:
+        while True:
+            await trio.sleep(self.publish_interval)
+            now = trio.current_time()
+            self.state.expire(now)
+            for src, dst in list(self.state.edges):
+                try:
+                    ctx.bus.publish_nowait(
+                        subjects.golden(src, dst),
+                        GoldenSummary(
+                            replica=ctx.replica,
+                            src=src,
+                            dst=dst,
+                            ts=time.time(),
+                            windows=self.state.edge_signals((src, dst), now),
+                        ),
+                    )
+                except MeshError as exc:  # a name unfit for a subject, or a full outbox
+                    log.debug("golden %s->%s not published: %s", src, dst, exc)
+
+    async def _http(self, req: Request) -> Response:
+        if req.path == "/metrics":
+            return Response(200, "text/plain; version=0.0.4", generate_latest(self.registry))
+        if req.path == "/healthz":
+            return Response(200, "text/plain", b"ok\n")
+        return Response(404, "text/plain", b"not found: try /metrics\n")

@@ -1,0 +1,106 @@
+"""`mesh top`: a live table of golden signals per service pair (like `linkerd viz stat`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import trio
+
+from bus import subjects
+from bus.client import Bus, connect
+from bus.errors import BusTimeout, NoResponders
+from mesh.cli.common import add_nats_flag, run_trio
+from mesh.errors import BusError
+from mesh.messages import GraphQuery, GraphReply
+from mesh.stats_window import WINDOWS
+
+COLUMNS = ("SRC", "DST", "RPS", "SUCCESS", "REQUESTS", "P50", "P90", "P99")
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "top", help="live golden signals per service pair (rate, success, latency)"
+    )
+    add_nats_flag(p)
+    p.add_argument(
+        "--window", choices=list(WINDOWS), default="10s", help="sliding window (default 10s)"
+    )
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument("--json", action="store_true", help="one JSON object per snapshot")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
+    p.set_defaults(func=cmd_top)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}ms" if v < 100 else f"{v:.0f}ms"
+
+
+def render(reply: GraphReply) -> str:
+    rows = [COLUMNS]
+    for e in reply.edges:
+        rows.append(
+            (
+                e["src"],
+                e["dst"],
+                f"{e['rps']:.1f}",
+                f"{e['success_rate'] * 100:.2f}%",
+                str(e["requests"]),
+                _ms(e["p50_ms"]),
+                _ms(e["p90_ms"]),
+                _ms(e["p99_ms"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if not reply.edges:
+        lines.append(f"(no traffic in the last {reply.window})")
+    lines.append(f"window {reply.window}, from aggregator {reply.replica}")
+    return "\n".join(lines)
+
+
+def as_json(reply: GraphReply) -> str:
+    return json.dumps(
+        {
+            "window": reply.window,
+            "replica": reply.replica,
+            "ts": reply.ts,
+            "nodes": reply.nodes,
+            "edges": reply.edges,
+            "ingest": reply.ingest,
+        }
+    )
+
+
+async def fetch(bus: Bus, window: str, timeout: float) -> GraphReply:
+    try:
+        return await bus.request(
+            subjects.GRAPH_QUERY, GraphQuery(window=window), GraphReply, timeout=timeout
+        )
+    except (NoResponders, BusTimeout):
+        raise BusError(
+            "no telemetry aggregator answered on "
+            f"{subjects.GRAPH_QUERY}: is the control plane running (`mesh up`)?"
+        ) from None
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        async with connect(args.nats, name="mesh-top", connect_timeout=3.0) as bus:
+            while True:
+                reply = await fetch(bus, args.window, args.timeout)
+                if args.json:
+                    print(as_json(reply), flush=True)
+                elif args.once:
+                    print(render(reply), flush=True)
+                else:
+                    sys.stdout.write("\x1b[H\x1b[2J" + render(reply) + "\n")
+                    sys.stdout.flush()
+                if args.once:
+                    return 0
+                await trio.sleep(args.interval)
+
+    return run_trio(main)

@@ -1,0 +1,275 @@
+"""Per-sidecar telemetry: the request-path recorder, the batch publisher, /metrics families.
+
+The request path calls `Recorder.record(...)` once per request: two dict
+lookups and a few integer additions (bench/telemetry.py measures it). Every
+interval `TelemetryPublisher` swaps the recorder's current per-pair aggregates
+for empty ones and publishes them as one msgpack batch on
+``mesh.telemetry.<namespace>.<service>.<instance>`` (docs/telemetry.md).
+`TelemetryCollector` exports cumulative totals to a prometheus-client registry
+(the sidecar admin port's ``/metrics``) at scrape time, so nothing on the request
+path touches prometheus-client.
+
+Labels are bounded: service names and versions come from mesh configuration,
+codes are clamped to 100..599 (else "0"), flags are the sidecar's fixed set.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+
+import trio
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from bus import subjects
+from bus.client import Bus
+from mesh.errors import MeshError
+from mesh.stats import PairAgg
+from mesh.telemetry import PairKey, build_batch
+
+log = logging.getLogger("mesh.sidecar.telemetry")
+
+# Pairs per published batch; a sidecar talking to more pairs sends several batches.
+MAX_PAIRS_PER_BATCH = 500
+# Every 4th histogram bound (100 µs * 2**k) becomes a Prometheus bucket: 20 buckets.
+PROM_BUCKET_EVERY = 4
+
+RequestKey = tuple[str, str, str, int, str]  # (src, dst, ver, code, flags)
+
+
+class Recorder:
+    """Counts requests per (source, destination, version). Not thread-safe; no I/O."""
+
+    def __init__(self, namespace: str, service: str, instance: str) -> None:
+        self.subject = subjects.telemetry(namespace, service, instance)
+        self.namespace = namespace
+        self.service = service
+        self.instance = instance
+        self.epoch = secrets.token_hex(6)
+        self.current: dict[PairKey, PairAgg] = {}
+        self.folded: dict[PairKey, PairAgg] = {}  # previous intervals, for /metrics
+        self.requests: dict[RequestKey, int] = {}  # cumulative, by code and flags
+        self.tcp_opened: dict[str, int] = {}
+        self.tcp_closed: dict[str, int] = {}
+        self.tcp_rx: dict[str, int] = {}
+        self.tcp_tx: dict[str, int] = {}
+        self.retries: dict[str, int] = {}
+        self.ejections: dict[str, int] = {}
+        self.overflows: dict[str, int] = {}
+        self.config_version = ""
+        self.cert_not_after = 0.0  # unix seconds; 0: no certificate
+        self.batches_published = 0
+        self.publish_errors = 0
+
+    # -- the request path ----------------------------------------------------
+
+    def record(
+        self,
+        src: str,
+        dst: str,
+        dst_version: str,
+        code: int,
+        flags: str,
+        duration: float,
+        rx_bytes: int = 0,
+        tx_bytes: int = 0,
+    ) -> None:
+        """One finished request: status `code` (0: no response), `duration` in seconds."""
+        key = (src, dst, dst_version)
+        agg = self.current.get(key)
+        if agg is None:
+            agg = self.current[key] = PairAgg()
+        agg.observe(code, flags, duration, rx_bytes, tx_bytes)
+        rkey = (src, dst, dst_version, code if 100 <= code <= 599 else 0, flags)
+        self.requests[rkey] = self.requests.get(rkey, 0) + 1
+
+    # -- other events (connection and resilience layers) ---------------------
+
+    def tcp_open(self, dst: str) -> None:
+        self.tcp_opened[dst] = self.tcp_opened.get(dst, 0) + 1
+
+    def tcp_close(self, dst: str, rx_bytes: int, tx_bytes: int) -> None:
+        self.tcp_closed[dst] = self.tcp_closed.get(dst, 0) + 1
+        self.tcp_rx[dst] = self.tcp_rx.get(dst, 0) + rx_bytes
+        self.tcp_tx[dst] = self.tcp_tx.get(dst, 0) + tx_bytes
+
+    def retry(self, dst: str) -> None:
+        self.retries[dst] = self.retries.get(dst, 0) + 1
+
+    def ejection(self, dst: str) -> None:
+        self.ejections[dst] = self.ejections.get(dst, 0) + 1
+
+    def overflow(self, dst: str) -> None:
+        self.overflows[dst] = self.overflows.get(dst, 0) + 1
+
+    # -- the interval --------------------------------------------------------
+
+    def take(self) -> dict[PairKey, PairAgg]:
+        """The aggregates since the last call; they are folded into the /metrics totals."""
+        taken, self.current = self.current, {}
+        for key, agg in taken.items():
+            total = self.folded.get(key)
+            if total is None:
+                total = self.folded[key] = PairAgg()
+            total.merge(agg)
+        return taken
+
+    def totals(self) -> dict[PairKey, PairAgg]:
+        """Cumulative aggregates including the current interval (for a scrape)."""
+        out: dict[PairKey, PairAgg] = {}
+        for source in (self.folded, self.current):
+            for key, agg in source.items():
+                total = out.get(key)
+                if total is None:
+                    total = out[key] = PairAgg()
+                total.merge(agg)
+        return out
+
+
+class TelemetryPublisher:
+    """Publishes the recorder's interval aggregates on its subject every `interval` s."""
+
+    def __init__(self, recorder: Recorder, bus: Bus, *, interval: float = 1.0) -> None:
+        self.recorder = recorder
+        self.bus = bus
+        self.interval = interval
+        self.seq = 0
+
+    def publish_once(self) -> int:
+        """Publish what was recorded since the last call; returns the batches sent."""
+        r = self.recorder
+        pairs = r.take()
+        if not pairs:
+            return 0
+        items = list(pairs.items())
+        sent = 0
+        now = time.time()
+        for start in range(0, len(items), MAX_PAIRS_PER_BATCH):
+            self.seq += 1
+            batch = build_batch(
+                namespace=r.namespace,
+                service=r.service,
+                instance=r.instance,
+                epoch=r.epoch,
+                seq=self.seq,
+                ts=now,
+                interval=self.interval,
+                pairs=dict(items[start : start + MAX_PAIRS_PER_BATCH]),
+            )
+            try:
+                self.bus.publish_nowait(r.subject, batch)
+            except (MeshError, trio.ClosedResourceError) as exc:  # best effort, unlike requests
+                r.publish_errors += 1
+                log.warning("telemetry batch %d not published: %s", self.seq, exc)
+            else:
+                r.batches_published += 1
+                sent += 1
+        return sent
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        deadline = trio.current_time()
+        try:
+            while True:
+                deadline += self.interval
+                await trio.sleep_until(deadline)
+                self.publish_once()
+        finally:
+            # The last partial interval: queued without waiting (the bus flushes on close).
+            self.publish_once()
+
+
+def _code_label(code: int) -> str:
+    return str(code) if code else "0"
+
+
+class TelemetryCollector(Collector):
+    """The issue's metric families, read from a `Recorder` at scrape time."""
+
+    def __init__(self, recorder: Recorder, clock: Callable[[], float] = time.time) -> None:
+        self.recorder = recorder
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.recorder
+        pair_labels = ["source_service", "destination_service", "destination_version"]
+        requests = CounterMetricFamily(
+            "mesh_requests",
+            "HTTP requests handled, by source, destination, response code and flags",
+            labels=[*pair_labels, "response_code", "response_flags"],
+        )
+        for (src, dst, ver, code, flags), n in sorted(r.requests.items()):
+            requests.add_metric([src, dst, ver, _code_label(code), flags], n)
+        yield requests
+
+        totals = sorted(r.totals().items())
+        duration = HistogramMetricFamily(
+            "mesh_request_duration_seconds",
+            "request duration seen by the sidecar, from request start to response end",
+            labels=pair_labels,
+        )
+        rx = CounterMetricFamily(
+            "mesh_request_bytes", "request body and header bytes received", labels=pair_labels
+        )
+        tx = CounterMetricFamily(
+            "mesh_response_bytes", "response body and header bytes sent", labels=pair_labels
+        )
+        for key, agg in totals:
+            buckets = [
+                ("+Inf" if le == float("inf") else repr(le), n)
+                for le, n in agg.hist.cumulative(PROM_BUCKET_EVERY)
+            ]
+            duration.add_metric(list(key), buckets, agg.hist.sum)
+            rx.add_metric(list(key), agg.rx_bytes)
+            tx.add_metric(list(key), agg.tx_bytes)
+        yield duration
+        yield rx
+        yield tx
+
+        for name, text, values in (
+            ("mesh_tcp_connections_opened", "upstream TCP connections opened", r.tcp_opened),
+            ("mesh_tcp_connections_closed", "upstream TCP connections closed", r.tcp_closed),
+            ("mesh_tcp_received_bytes", "bytes received on closed TCP connections", r.tcp_rx),
+            ("mesh_tcp_sent_bytes", "bytes sent on closed TCP connections", r.tcp_tx),
+            ("mesh_retries", "retries sent upstream", r.retries),
+            ("mesh_outlier_ejections", "endpoints ejected by outlier detection", r.ejections),
+            (
+                "mesh_circuit_breaker_overflows",
+                "requests refused by an open circuit breaker",
+                r.overflows,
+            ),
+        ):
+            family = CounterMetricFamily(name, text, labels=["destination_service"])
+            for dst, n in sorted(values.items()):
+                family.add_metric([dst], n)
+            yield family
+
+        info = GaugeMetricFamily(
+            "mesh_config_info", "the configuration snapshot in use (value 1)", labels=["version"]
+        )
+        info.add_metric([r.config_version], 1)
+        yield info
+        if r.cert_not_after:
+            expiry = GaugeMetricFamily(
+                "mesh_certificate_expiry_seconds", "seconds until the sidecar certificate expires"
+            )
+            expiry.add_metric([], round(r.cert_not_after - self.clock(), 3))
+            yield expiry
+        batches = CounterMetricFamily(
+            "mesh_telemetry_batches_published", "telemetry batches queued on the bus"
+        )
+        batches.add_metric([], r.batches_published)
+        yield batches
+        errors = CounterMetricFamily(
+            "mesh_telemetry_publish_errors", "telemetry batches the bus refused"
+        )
+        errors.add_metric([], r.publish_errors)
+        yield errors

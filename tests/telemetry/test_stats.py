@@ -1,0 +1,201 @@
+"""Pure tests of the telemetry cores: histograms, windows, the batch schema, the graph."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mesh.messages import decode, encode
+from mesh.stats import BOUNDS, NBUCKETS, Histogram, PairAgg, bucket_index, code_class
+from mesh.stats_graph import GraphState
+from mesh.stats_window import WindowedAgg, golden
+from mesh.telemetry import BadBatch, build_batch, parse_batch
+
+
+def test_bucket_bounds_are_upper_inclusive_and_log_spaced() -> None:
+    assert len(BOUNDS) == NBUCKETS - 1
+    assert bucket_index(0.0) == 0
+    assert bucket_index(1e-4) == 0
+    assert bucket_index(1.0001e-4) == 1
+    for i, b in enumerate(BOUNDS):
+        assert bucket_index(b) == i
+        assert bucket_index(b * 1.0001) == i + 1
+    assert bucket_index(1e6) == NBUCKETS - 1
+    assert BOUNDS[4] == pytest.approx(2e-4)
+    assert BOUNDS[-1] == pytest.approx(1e-4 * 2**19.5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(min_value=1e-5, max_value=30.0), min_size=1, max_size=300))
+def test_merge_equals_observing_everything_in_one(values: list[float]) -> None:
+    half = len(values) // 2
+    a, b, whole = Histogram(), Histogram(), Histogram()
+    for v in values[:half]:
+        a.observe(v)
+    for v in values[half:]:
+        b.observe(v)
+    for v in values:
+        whole.observe(v)
+    a.merge(b)
+    assert a.counts == whole.counts and a.count == whole.count
+    assert a.sum == pytest.approx(whole.sum)
+    a.subtract(b)
+    assert sum(a.counts) == half
+    # Sparse round trip, as in a batch.
+    c = Histogram()
+    c.add_sparse(whole.sparse(), whole.sum)
+    assert c.counts == whole.counts
+
+
+def test_quantiles_from_merged_histograms_are_within_one_bucket() -> None:
+    rng = random.Random(7)
+    values = [rng.lognormvariate(math.log(0.005), 1.0) for _ in range(20000)]
+    parts = [Histogram() for _ in range(10)]
+    for i, v in enumerate(values):
+        parts[i % 10].observe(v)
+    merged = Histogram()
+    for p in parts:
+        merged.merge(p)
+    values.sort()
+    for q in (0.5, 0.9, 0.99):
+        exact = values[int(q * len(values)) - 1]
+        got = merged.quantile(q)
+        assert got is not None
+        assert abs(got - exact) / exact < 0.19, (q, got, exact)
+    assert Histogram().quantile(0.5) is None
+
+
+def test_pair_agg_counts_codes_errors_and_flags() -> None:
+    a = PairAgg()
+    for status in (200, 201, 404, 500, 503, 0):
+        a.observe(status, "UF" if status == 0 else "", 0.01, 10, 20)
+    assert a.requests == 6 and a.errors == 3
+    assert a.codes == [1, 0, 2, 0, 1, 2]
+    assert a.flags == {"UF": 1}
+    assert (a.rx_bytes, a.tx_bytes) == (60, 120)
+    assert code_class(700) == 0
+
+
+def _agg(n: int, errors: int, seconds: float = 0.01) -> PairAgg:
+    a = PairAgg()
+    for i in range(n):
+        a.observe(500 if i < errors else 200, "", seconds, 1, 1)
+    return a
+
+
+def test_windows_expire_each_second_exactly_once() -> None:
+    w = WindowedAgg(now=1000.0)
+    for t in range(1000, 1300):
+        w.add(t + 0.5, _agg(2, 1))
+    ten, secs10 = w.window("10s", 1299.9)
+    minute, secs60 = w.window("1m", 1299.9)
+    five, secs300 = w.window("5m", 1299.9)
+    assert (ten.requests, secs10) == (20, 10)
+    assert (minute.requests, secs60) == (120, 60)
+    assert (five.requests, secs300) == (600, 300)
+    assert golden(ten, secs10).rps == 2.0 and golden(ten, secs10).error_rate == 0.5
+    # Ten idle seconds empty the 10 s window only.
+    ten, _ = w.window("10s", 1309.5)
+    assert ten.requests == 0 and ten.hist.count == 0
+    assert w.window("1m", 1309.5)[0].requests == 100
+    # A long jump empties everything and drops the slots.
+    assert w.window("5m", 5000.0)[0].requests == 0
+    assert w.empty
+
+
+def test_a_fresh_window_reports_rate_over_the_time_it_has_seen() -> None:
+    w = WindowedAgg(now=50.0)
+    w.add(50.1, _agg(10, 0))
+    w.add(51.1, _agg(10, 0))
+    agg, secs = w.window("5m", 51.5)
+    assert secs == 2 and golden(agg, secs).rps == 10.0
+
+
+def test_late_data_for_a_second_still_in_window_is_added_and_later_expired() -> None:
+    w = WindowedAgg(now=100.0)
+    w.add(105.0, _agg(1, 0))
+    w.add(100.5, _agg(1, 0))  # late, but inside every window
+    assert w.window("10s", 105.5)[0].requests == 2
+    assert w.window("10s", 110.5)[0].requests == 1
+    assert w.window("10s", 115.5)[0].requests == 0
+
+
+def _batch(seq: int, n: int, errors: int, *, epoch: str = "e1", inst: str = "a-1") -> bytes:
+    b = build_batch(
+        namespace="default",
+        service="a",
+        instance=inst,
+        epoch=epoch,
+        seq=seq,
+        ts=1.0,
+        interval=1.0,
+        pairs={("a", "b", "v1"): _agg(n, errors)},
+    )
+    return encode(b)
+
+
+def test_batch_round_trip_through_the_generic_decoder_and_the_fast_parser() -> None:
+    data = _batch(1, 5, 2)
+    msg = decode(data)
+    assert msg.TYPE == "telemetry.batch"
+    raw = msgpack.unpackb(data, strict_map_key=False)
+    assert raw["v"] == 1 and raw["b"]["schema"] == 1
+    row = raw["b"]["pairs"][0]
+    assert set(row) == {
+        "src",
+        "dst",
+        "ver",
+        "n",
+        "err",
+        "codes",
+        "lat",
+        "lat_sum",
+        "rx",
+        "tx",
+        "flags",
+    }
+    parsed = parse_batch(data)
+    assert parsed.seq == 1 and parsed.rows[0].key == ("a", "b", "v1")
+    assert parsed.rows[0].agg().requests == 5 and parsed.rows[0].agg().errors == 2
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: m.update(t="ping"),
+        lambda m: m["b"].update(schema=99),
+        lambda m: m["b"]["hist"].update(buckets=10),
+        lambda m: m["b"]["pairs"][0].update(codes=[1, 2]),
+        lambda m: m["b"]["pairs"][0].update(lat={999: 1}),
+        lambda m: m["b"]["pairs"][0].pop("n"),
+        lambda m: m["b"].update(pairs=[[1, 2]]),
+    ],
+)
+def test_batches_off_schema_are_refused(mutate: object) -> None:
+    m = msgpack.unpackb(_batch(1, 3, 0), strict_map_key=False)
+    mutate(m)  # type: ignore[operator]
+    with pytest.raises(BadBatch):
+        parse_batch(msgpack.packb(m))
+    with pytest.raises(BadBatch):
+        parse_batch(b"\xc1garbage")
+
+
+def test_graph_counts_each_batch_once_and_counts_gaps() -> None:
+    g = GraphState()
+    assert g.ingest(parse_batch(_batch(1, 10, 1)), 10.0)
+    assert not g.ingest(parse_batch(_batch(1, 10, 1)), 10.1)  # resent: ignored
+    assert g.ingest(parse_batch(_batch(4, 10, 1)), 11.0)  # 2 and 3 lost
+    assert g.ingest(parse_batch(_batch(1, 10, 1, epoch="e2")), 11.2)  # the sidecar restarted
+    assert g.ingest(parse_batch(_batch(1, 10, 1, inst="a-2")), 11.3)
+    assert (g.stats.batches, g.stats.duplicates, g.stats.lost) == (4, 1, 2)
+    nodes, edges = g.graph("10s", 11.5)
+    assert nodes == ["a", "b"]
+    assert edges[0]["requests"] == 40 and edges[0]["error_rate"] == 0.1
+    assert g.totals[("a", "b")].requests == 40
+    g.expire(400.0)
+    assert g.graph("5m", 400.0) == ([], [])

@@ -84,3 +84,18 @@ def spans(service: str) -> str:
 
 def accesslog(service: str) -> str:
     return f"{PREFIX}.accesslog.{token(service)}"
+
+
+# Config sync (docs/sync.md). Requests go to whichever replica leads the config actor.
+CONFIG_FULL = f"{PREFIX}.config.full"  # request/reply: SnapshotRequest -> SnapshotPush
+CONFIG_HEARTBEAT = f"{PREFIX}.config.heartbeat"  # publish: ConfigHeartbeat
+CONFIG_ACK = f"{PREFIX}.config.ack"  # publish: ConfigAck
+CONFIG_STATUS = f"{PREFIX}.config.status"  # request/reply: ConfigStatusRequest -> ConfigStatus
+CONFIG_REPLICAS = f"{PREFIX}.config.replicas"  # publish: replicas running the config actor
+CONFIG_QUEUE = "config"
+CONFIG_KEY = "resources"  # the one key in KV_CONFIG: the whole resource set per revision
+
+
+def config_push(service: str) -> str:
+    """SnapshotPush for every sidecar of one service."""
+    return f"{PREFIX}.config.push.{token(service)}"

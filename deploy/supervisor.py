@@ -44,6 +44,7 @@ class ChildProcess:
         startup_attempts: int = 3,
         backoff_base: float = 0.2,
         backoff_cap: float = 10.0,
+        ready_port: int | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -53,6 +54,8 @@ class ChildProcess:
         self.startup_attempts = startup_attempts
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        # Apps that print no ready line are ready once they accept on this port.
+        self.ready_port = ready_port
         self.process: trio.Process | None = None
         self.ready_info: dict[str, Any] = {}
         self.restarts = 0
@@ -78,6 +81,8 @@ class ChildProcess:
                 async with trio.open_nursery() as nursery:
                     assert self.process.stdout is not None
                     nursery.start_soon(self._read_stdout, self.process.stdout, ready)
+                    if self.ready_port is not None:
+                        nursery.start_soon(self._probe_port, self.ready_port, ready)
                     with trio.move_on_after(self.ready_timeout):
                         await self._wait_ready_or_exit(ready)
                     if ready.is_set():
@@ -114,6 +119,18 @@ class ChildProcess:
             nursery.start_soon(exited)
             await ready.wait()
             nursery.cancel_scope.cancel()
+
+    async def _probe_port(self, port: int, ready: trio.Event) -> None:
+        delay = 0.01
+        while not ready.is_set():
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+                continue
+            await stream.aclose()
+            ready.set()
 
     async def _read_stdout(self, stream: trio.abc.ReceiveStream, ready: trio.Event) -> None:
         buf = b""

@@ -84,7 +84,7 @@ class Running:
         else:
             lines.append(f"  nats          {', '.join(self.nats_urls)}  (existing cluster)")
         for child in self.replicas:
-            lines.append(f"  controlplane  {child.name}  pid {child.pid}  actors: ping")
+            lines.append(f"  controlplane  {child.name}  pid {child.pid}")
         if self.topology is not None:
             lines.append(self.topology.describe())
         lines.append("Try `mesh ping` in another shell. Stop with Ctrl-C.")
@@ -118,7 +118,9 @@ async def run_up(
                     replicas = []
                     for i in range(config.replicas):
                         name = f"cp-{i + 1}"
-                        child = ChildProcess(name, controlplane_argv(urls, name, verbosity), env=env)
+                        child = ChildProcess(
+                            name, controlplane_argv(urls, name, verbosity), env=env
+                        )
                         replicas.append(await cp.start(child.run))
                     running = Running(urls, nats, replicas)
                     if config.topology is not None:
@@ -131,7 +133,10 @@ async def run_up(
 
 
 async def _run_nested(
-    plan: Plan, state_dir: Path, *, task_status: trio.TaskStatus[RunningTopology] = trio.TASK_STATUS_IGNORED
+    plan: Plan,
+    state_dir: Path,
+    *,
+    task_status: trio.TaskStatus[RunningTopology] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async with trio.open_nursery() as nursery:
         running = await nursery.start(run_topology, plan, state_dir)

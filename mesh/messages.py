@@ -394,3 +394,87 @@ class AccessLogEntry(Message):
 
     TYPE: ClassVar[str] = "accesslog"
     entry: dict[str, Any]
+
+
+# --- config sync (docs/sync.md) ----------------------------------------------------------
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotRequest(Message):
+    """A sidecar registers and asks for its full snapshot (request on mesh.config.full)."""
+
+    TYPE: ClassVar[str] = "config.request"
+    instance: str
+    service: str
+    label: str  # the instance's version, e.g. "v2"
+    address: str = ""  # host:port of its inbound listener; "" for pure clients
+    admin: str = ""  # host:port of its admin listener
+    have: str = ""  # the version it runs now
+    reason: str = ""
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotPush(Message):
+    """A full snapshot (full=True) or a delta from `base` to `version` (docs/sync.md)."""
+
+    TYPE: ClassVar[str] = "config.push"
+    service: str
+    version: str
+    base: str
+    nonce: str
+    full: bool
+    body: dict[str, Any]
+    instance: str = ""  # "": every sidecar of the service
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConfigAck(Message):
+    """ACK (ok=True) or NACK with the reason, echoing the push's version and nonce."""
+
+    TYPE: ClassVar[str] = "config.ack"
+    instance: str
+    service: str
+    version: str
+    nonce: str
+    ok: bool
+    reason: str = ""
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConfigHeartbeat(Message):
+    """A sidecar is alive: registration plus what it runs (mesh.config.heartbeat)."""
+
+    TYPE: ClassVar[str] = "config.heartbeat"
+    instance: str
+    service: str
+    label: str
+    address: str = ""
+    admin: str = ""
+    acked: str = ""
+    nacked: str = ""
+    reason: str = ""
+    resyncs: int = 0
+    interval: float = 1.0
+    leaving: bool = False
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConfigStatusRequest(Message):
+    TYPE: ClassVar[str] = "config.status_request"
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConfigStatus(Message):
+    """The leader's view of every sidecar (reply on mesh.config.status)."""
+
+    TYPE: ClassVar[str] = "config.status"
+    replica: str
+    revision: int
+    sidecars: list[dict[str, Any]]
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)

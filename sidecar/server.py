@@ -29,7 +29,7 @@ class SidecarOptions:
     service: str
     version: str
     app_port: int
-    config: Path
+    config: Path | None  # None: snapshots come only from the control plane (--nats)
     outbound_port: int = 15001
     inbound_port: int = 15006
     admin_port: int = 15000
@@ -39,8 +39,8 @@ class SidecarOptions:
 
 def check_snapshot(snapshot: Snapshot, opts: SidecarOptions) -> None:
     if snapshot.service is not None and snapshot.service != opts.service:
-        raise ConfigError(f"{opts.config}: service: snapshot is for {snapshot.service!r}, "
-                          f"this sidecar runs {opts.service!r}")
+        raise ConfigError(f"{opts.config or 'control plane'}: service: snapshot is for "
+                          f"{snapshot.service!r}, this sidecar runs {opts.service!r}")
 
 
 class Sidecar:
@@ -62,6 +62,8 @@ class Sidecar:
         return self._runtime
 
     def _stat(self) -> tuple[int, int] | None:
+        if self.opts.config is None:
+            return None
         try:
             st = os.stat(self.opts.config)
         except OSError:
@@ -70,21 +72,35 @@ class Sidecar:
 
     def reload(self) -> bool:
         """Load the file again; on any error keep the running snapshot and say why."""
+        if self.opts.config is None:
+            return False
         try:
             snapshot = load_snapshot(self.opts.config)
-            check_snapshot(snapshot, self.opts)
         except ConfigError as exc:
             self.stats.reloads_failed += 1
             log.error("snapshot refused, keeping version %s: %s",
                       self._runtime.snapshot.version, exc)
             return False
-        self._runtime = Runtime(snapshot, self.opts.app_port, self._rng, time.monotonic,
-                                previous=self._runtime)
+        return self.apply_snapshot(snapshot) is None
+
+    def apply_snapshot(self, snapshot: Snapshot) -> str | None:
+        """Swap in a snapshot (from the file or the control plane) after the same checks;
+        returns None once it is in force, else why it was refused (the old one stays)."""
+        try:
+            check_snapshot(snapshot, self.opts)
+            runtime = Runtime(snapshot, self.opts.app_port, self._rng, time.monotonic,
+                              previous=self._runtime)
+        except ConfigError as exc:
+            self.stats.reloads_failed += 1
+            log.error("snapshot refused, keeping version %s: %s",
+                      self._runtime.snapshot.version, exc)
+            return str(exc)
+        self._runtime = runtime
         self.stats.reloads_ok += 1
         self.stats.snapshot_version = snapshot.version
         self.loaded_at = time.time()
         log.warning("snapshot version %s loaded", snapshot.version)
-        return True
+        return None
 
     def config_dump(self) -> dict[str, Any]:
         rt = self._runtime

@@ -12,7 +12,7 @@ from typing import Any
 import trio
 
 from mesh.errors import ConfigError, MeshError
-from mesh.snapshot import load_snapshot
+from mesh.snapshot import Snapshot, load_snapshot
 
 
 def register(sub: Any) -> None:
@@ -25,7 +25,15 @@ def register(sub: Any) -> None:
     p.add_argument("--version", dest="service_version", default="v1",
                    help="this instance's version (subset), e.g. v2")
     p.add_argument("--app-port", type=int, required=True, help="the local app's HTTP port")
-    p.add_argument("--config", required=True, type=Path, help="snapshot file (YAML or JSON)")
+    p.add_argument("--config", type=Path,
+                   help="snapshot file (YAML or JSON); with --nats, used until the control "
+                        "plane answers")
+    p.add_argument("--nats", help="NATS URL(s): get snapshots from the control plane "
+                                  "(docs/sync.md)")
+    p.add_argument("--instance", help="instance name for the control plane "
+                                      "(default: service-version-host-pid)")
+    p.add_argument("--heartbeat", type=float, default=1.0,
+                   help="seconds between heartbeats to the control plane")
     p.add_argument("--outbound-port", type=int, default=15001, help="0: pick a free port")
     p.add_argument("--inbound-port", type=int, default=15006, help="0: pick a free port")
     p.add_argument("--admin-port", type=int, default=15000, help="0: pick a free port")
@@ -44,17 +52,28 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if not 0 <= value <= 65535 or (flag == "app_port" and value == 0):
             raise ConfigError(f"--{flag.replace('_', '-')}: {value} is not a valid port")
+    if args.config is None and not args.nats:
+        raise ConfigError("give --config FILE, --nats URL (the control plane), or both")
     opts = SidecarOptions(
         service=args.service, version=args.service_version, app_port=args.app_port,
         config=args.config, outbound_port=args.outbound_port, inbound_port=args.inbound_port,
         admin_port=args.admin_port, inbound_host=args.inbound_host,
         watch_interval=args.watch_interval)
-    sidecar = Sidecar(opts, load_snapshot(args.config))
+    initial = (load_snapshot(args.config) if args.config is not None
+               else Snapshot(version="0", service=args.service))
+    sidecar = Sidecar(opts, initial)
+    sync = _sync_client(args, sidecar) if args.nats else None
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 ports = await nursery.start(sidecar.run)
+                if sync is not None:
+                    host = "127.0.0.1" if opts.inbound_host in ("0.0.0.0", "") else opts.inbound_host
+                    sync.state.address = f"{host}:{ports['inbound']}"
+                    sync.state.admin = f"127.0.0.1:{ports['admin']}"
+                    await nursery.start(sync.run)
+                    ports["instance"] = sync.state.instance
                 line = json.dumps({"event": "ready", "service": opts.service,
                                    "version": opts.version, "pid": _pid(), **ports})
                 print(line, flush=True)
@@ -66,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
                     if signum == signal.SIGHUP:
                         sidecar.reload()
                     else:
+                        if sync is not None:
+                            await sync.leave()
                         nursery.cancel_scope.cancel()
                         break
 
@@ -81,6 +102,18 @@ def run(args: argparse.Namespace) -> int:
         raise
     print(json.dumps({"event": "stopped"}), file=sys.stderr, flush=True)
     return 0
+
+
+def _sync_client(args: argparse.Namespace, sidecar: Any) -> Any:
+    from bus.client import BusOptions
+    from mesh.sync import ClientSync
+    from sidecar.sync_client import SyncClient, default_instance
+
+    instance = args.instance or default_instance(args.service, args.service_version)
+    state = ClientSync(instance=instance, service=args.service, label=args.service_version)
+    client = SyncClient(BusOptions.parse_servers(args.nats), state, sidecar.apply_snapshot,
+                        heartbeat=args.heartbeat)
+    return client
 
 
 def _first_mesh_error(exc: BaseException) -> MeshError | None:

@@ -9,6 +9,7 @@ from typing import Any
 import trio
 
 from bus.client import BusOptions
+from deploy.topology import demo_topology_path, load_topology
 from deploy.up import DEFAULT_NATS_PORT, Running, UpConfig, run_up
 from mesh.cli.common import print_ready, run_trio
 
@@ -38,13 +39,31 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--ready-line", action="store_true", help="print one JSON line on stdout when ready"
     )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--topology", type=Path, help="also start the apps and sidecars of this topology file"
+    )
+    group.add_argument(
+        "--demo", action="store_true", help="also start the built-in demo application"
+    )
+    p.add_argument(
+        "--ingress-port", type=int, help="override the topology's ingress port (0: any free port)"
+    )
     p.set_defaults(func=cmd_up)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     urls = list(BusOptions.parse_servers(args.nats)) if args.nats else []
+    topology = None
+    if args.demo or args.topology:
+        topology = load_topology(demo_topology_path() if args.demo else args.topology)
     config = UpConfig(
-        state_dir=args.state_dir, nats_urls=urls, nats_port=args.nats_port, replicas=args.replicas
+        state_dir=args.state_dir,
+        nats_urls=urls,
+        nats_port=args.nats_port,
+        replicas=args.replicas,
+        topology=topology,
+        ingress_port=args.ingress_port,
     )
 
     async def main() -> int:
@@ -56,7 +75,28 @@ def cmd_up(args: argparse.Namespace) -> int:
                     component="up",
                     nats=running.nats_urls,
                     replicas={r.name: r.pid for r in running.replicas},
+                    topology=_topology_info(running),
                 )
         return 0
 
     return run_trio(main)
+
+
+def _topology_info(running: Running) -> dict[str, Any] | None:
+    if running.topology is None:
+        return None
+    plan = running.topology.plan
+    return {
+        "ingress": plan.ingress.outbound_port if plan.ingress else None,
+        "instances": {
+            i.name: {
+                "service": i.service,
+                "version": i.version,
+                "app": i.app_port,
+                "inbound": i.inbound_port,
+                "outbound": i.outbound_port,
+                "admin": i.admin_port,
+            }
+            for i in plan.instances
+        },
+    }

@@ -1,0 +1,1 @@
+"""The demo application and its topology (`mesh up --demo`)."""

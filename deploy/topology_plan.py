@@ -1,0 +1,174 @@
+"""Turn a topology into a plan: every process to start, its ports, and each sidecar's snapshot.
+
+Pure: ports come from the `allocate` function given, so tests can plan without
+sockets. Until sidecars take their config from the control plane, a topology
+sidecar gets a static snapshot file compiled here: one cluster per called
+service, one subset per version listing the inbound listeners of that
+version's sidecars, and a default route with the topology's split, a timeout
+and retries (what a user of Istio or Linkerd gets without writing policy).
+Opaque TCP services are reached through a TCP listener on the caller's sidecar,
+straight to the service's instances.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from deploy.topology import Topology
+
+HOST = "127.0.0.1"
+INGRESS = "ingress"
+
+DEFAULT_ROUTE_POLICY: dict[str, Any] = {
+    "timeout": 10.0,
+    "retries": {
+        "attempts": 3,
+        "per_try_timeout": 4.0,
+        "on": ["connect-failure", "reset", 502, 503],
+    },
+}
+
+
+@dataclass
+class Instance:
+    service: str
+    version: str
+    name: str  # e.g. catalog-v2-1
+    protocol: str
+    app_port: int
+    app_argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    # Sidecar (absent for opaque TCP services and None ports mean "no sidecar").
+    inbound_port: int | None = None
+    outbound_port: int | None = None
+    admin_port: int | None = None
+    tcp_ports: dict[str, int] = field(default_factory=dict)
+    snapshot: dict[str, Any] | None = None
+
+    @property
+    def has_app(self) -> bool:
+        return bool(self.app_argv)
+
+
+@dataclass
+class Plan:
+    topology: Topology
+    instances: list[Instance]
+
+    def by_service(self, service: str) -> list[Instance]:
+        return [i for i in self.instances if i.service == service]
+
+    @property
+    def ingress(self) -> Instance | None:
+        found = self.by_service(INGRESS)
+        return found[0] if found else None
+
+
+def _expand(argv: tuple[str, ...], inst: Instance) -> list[str]:
+    values = {
+        "{port}": str(inst.app_port),
+        "{version}": inst.version,
+        "{service}": inst.service,
+        "{instance}": inst.name,
+        "{python}": sys.executable,
+    }
+    out = []
+    for arg in argv:
+        for key, value in values.items():
+            arg = arg.replace(key, value)
+        out.append(arg)
+    return out
+
+
+def make_plan(
+    topology: Topology, allocate: Callable[[], int], ingress_port: int | None = None
+) -> Plan:
+    instances: list[Instance] = []
+    for svc in topology.services:
+        for version, replicas in svc.versions:
+            for n in range(1, replicas + 1):
+                inst = Instance(
+                    svc.name, version, f"{svc.name}-{version}-{n}", svc.protocol, allocate(), []
+                )
+                inst.app_argv = _expand(svc.app, inst)
+                if svc.protocol == "http":
+                    inst.inbound_port, inst.outbound_port, inst.admin_port = (
+                        allocate(),
+                        allocate(),
+                        allocate(),
+                    )
+                    inst.env["MESH_OUTBOUND"] = f"{HOST}:{inst.outbound_port}"
+                    for callee in svc.calls:
+                        if topology.service(callee).protocol == "tcp":
+                            inst.tcp_ports[callee] = allocate()
+                            inst.env[f"{callee.upper().replace('-', '_')}_ADDR"] = (
+                                f"{HOST}:{inst.tcp_ports[callee]}"
+                            )
+                instances.append(inst)
+    if topology.ingress is not None:
+        port = topology.ingress.port if ingress_port is None else ingress_port
+        instances.append(
+            Instance(
+                INGRESS,
+                "v1",
+                "ingress",
+                "http",
+                allocate(),  # the sidecar needs an app port; the ingress has no app behind it
+                [],
+                inbound_port=allocate(),
+                outbound_port=port or allocate(),
+                admin_port=allocate(),
+            )
+        )
+    plan = Plan(topology, instances)
+    for inst in instances:
+        if inst.protocol == "http":
+            inst.snapshot = sidecar_snapshot(plan, inst)
+    return plan
+
+
+def sidecar_snapshot(plan: Plan, inst: Instance) -> dict[str, Any]:
+    topo = plan.topology
+    if inst.service == INGRESS:
+        assert topo.ingress is not None
+        calls: tuple[str, ...] = (topo.ingress.service,)
+        extra_hosts = {topo.ingress.service: ["localhost", HOST]}
+    else:
+        calls = topo.service(inst.service).calls
+        extra_hosts = {}
+    services: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    tcp: list[dict[str, Any]] = []
+    for callee in calls:
+        spec = topo.service(callee)
+        targets = plan.by_service(callee)
+        if spec.protocol == "tcp":
+            clusters.append(
+                {"name": callee, "subsets": {"all": [f"{HOST}:{t.app_port}" for t in targets]}}
+            )
+            tcp.append(
+                {"name": callee, "port": inst.tcp_ports[callee], "cluster": callee, "subset": "all"}
+            )
+            continue
+        subsets = {
+            v: [f"{HOST}:{t.inbound_port}" for t in targets if t.version == v]
+            for v, _ in spec.versions
+        }
+        clusters.append({"name": callee, "lb": "least_request", "subsets": subsets})
+        services.append(
+            {
+                "name": callee,
+                "hosts": [callee, *extra_hosts.get(callee, [])],
+                "routes": [{"name": "default", "split": dict(spec.split), **DEFAULT_ROUTE_POLICY}],
+            }
+        )
+    return {
+        "version": f"topology-{topo.name}-1",
+        "service": inst.service,
+        "services": services,
+        "clusters": clusters,
+        "tcp": tcp,
+    }

@@ -1,0 +1,170 @@
+"""Resources + registered endpoints -> one proxy snapshot per service. Pure.
+
+Every sidecar of a service gets the same snapshot, holding only what that service needs:
+the services it may call (its `dependencies`, or every service when none are listed) with
+their routes and clusters, and its own inbound policy (authorization). The snapshot's
+`version` is a digest of its content, so the same inputs give the same version on every
+control-plane replica and after a restart, and a change that does not touch a service does
+not disturb its sidecars.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from mesh.errors import ConfigError
+from mesh.resources import Resource, ResourceSet, policy_for, route_for
+from mesh.snapshot import Snapshot
+
+DEFAULT_SUBSET = "default"
+FORBIDDEN = 403
+
+
+@dataclass(frozen=True, order=True)
+class Registration:
+    """A sidecar that announced itself: the endpoint other sidecars route to."""
+
+    service: str
+    label: str  # the instance's version, matched by DestinationPolicy subsets
+    address: str  # host:port of its inbound listener ("" for clients that serve nothing)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    service: str
+    version: str
+    snapshot: dict[str, Any]  # canonical (Snapshot.to_dict of the checked value)
+
+
+def digest(snapshot: dict[str, Any]) -> str:
+    body = {k: v for k, v in snapshot.items() if k != "version"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def mesh_defaults(resources: ResourceSet) -> dict[str, Any]:
+    mc = resources.get(("MeshConfig", "default"))
+    defaults: dict[str, Any] = mc.spec.get("defaults", {}) if mc else {}
+    return defaults
+
+
+def _services(resources: ResourceSet) -> dict[str, Resource]:
+    return {r.name: r for r in resources.values() if r.kind == "Service"}
+
+
+def _cluster(resources: ResourceSet, service: str, endpoints: Iterable[Registration],
+             defaults: dict[str, Any]) -> dict[str, Any]:
+    dp = policy_for(resources, service)
+    spec = dp.spec if dp else {}
+    addresses: dict[str, list[str]] = {}
+    for e in endpoints:
+        if e.service == service and e.address:
+            addresses.setdefault(e.label, []).append(e.address)
+    subsets: dict[str, list[str]] = {}
+    if spec.get("subsets"):
+        for name, sel in spec["subsets"].items():
+            subsets[name] = sorted(addresses.get(sel["version"], []))
+    else:
+        subsets[DEFAULT_SUBSET] = sorted(a for eps in addresses.values() for a in eps)
+    out: dict[str, Any] = {"name": service, "subsets": subsets}
+    for key in ("lb", "hash_header"):
+        if key in spec:
+            out[key] = spec[key]
+    timeout = spec.get("connect_timeout", defaults.get("connect_timeout"))
+    if timeout is not None:
+        out["connect_timeout"] = timeout
+    if "connection_limits" in spec:
+        out["circuit_breaker"] = spec["connection_limits"]
+    for key in ("outlier", "retry_budget"):
+        if key in spec:
+            out[key] = spec[key]
+    return out
+
+
+def _routes(resources: ResourceSet, service: str, cluster: dict[str, Any],
+            defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    route = route_for(resources, service)
+    base: dict[str, Any] = {}
+    if "timeout" in defaults:
+        base["timeout"] = defaults["timeout"]
+    if "retries" in defaults:
+        base["retries"] = defaults["retries"]
+    if route is None:
+        subsets = list(cluster["subsets"])
+        rule: dict[str, Any] = {"name": "default", **base}
+        if len(subsets) > 1:
+            rule["split"] = {s: 1 for s in subsets}
+        return [rule]
+    out: list[dict[str, Any]] = []
+    for i, r in enumerate(route.spec["rules"]):
+        rule = {**base, "name": r.get("name", f"{route.name}-{i}")}
+        for key in ("match", "split", "timeout", "retries", "fault"):
+            if key in r:
+                rule[key] = r[key]
+        if "split" not in rule and len(cluster["subsets"]) > 1:
+            rule["split"] = {s: 1 for s in cluster["subsets"]}
+        out.append(rule)
+    return out
+
+
+def _inbound(resources: ResourceSet, service: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """AuthorizationPolicies as inbound faults: deny rules first (abort 403), then allow rules
+    (a no-op fault that stops the search), then, if any allow policy exists, deny the rest."""
+    deny: list[dict[str, Any]] = []
+    allow: list[dict[str, Any]] = []
+    policies = sorted((r for r in resources.values()
+                       if r.kind == "AuthorizationPolicy" and r.spec["service"] == service),
+                      key=lambda r: r.name)
+    for p in policies:
+        for rule in p.spec["rules"]:
+            match = {k: v for k, v in (("source", rule.get("source")), ("path", rule.get("path")),
+                                       ("methods", rule.get("methods"))) if v is not None}
+            if p.spec["action"] == "deny":
+                deny.append({"match": match, "abort": {"percent": 100, "status": FORBIDDEN}})
+            else:
+                allow.append({"match": match, "delay": {"percent": 0, "seconds": 0}})
+    faults = deny + allow
+    if allow:
+        faults.append({"abort": {"percent": 100, "status": FORBIDDEN}})
+    out: dict[str, Any] = {"faults": faults}
+    if "inbound_timeout" in defaults:
+        out["timeout"] = defaults["inbound_timeout"]
+    return out
+
+
+def compile_service(resources: ResourceSet, endpoints: Iterable[Registration],
+                    service: str) -> Compiled:
+    """The snapshot for every sidecar of `service`. Raises ConfigError only on a bug or an
+    unchecked resource (the result is checked by Snapshot.from_dict like any file)."""
+    endpoints = list(endpoints)
+    defaults = mesh_defaults(resources)
+    services = _services(resources)
+    me = services.get(service)
+    targets = sorted(me.spec.get("dependencies", services) if me else services)
+    svc_out: list[dict[str, Any]] = []
+    clusters: list[dict[str, Any]] = []
+    for name in targets:
+        cluster = _cluster(resources, name, endpoints, defaults)
+        clusters.append(cluster)
+        hosts = [name, *services[name].spec.get("hosts", [])]
+        svc_out.append({"name": name, "hosts": hosts,
+                        "routes": _routes(resources, name, cluster, defaults)})
+    raw = {"version": "0", "service": service, "inbound": _inbound(resources, service, defaults),
+           "services": svc_out, "clusters": clusters}
+    try:
+        checked = Snapshot.from_dict(raw).to_dict()
+    except ConfigError as exc:
+        raise ConfigError(f"compiling the snapshot for {service!r}: {exc}") from None
+    version = digest(checked)
+    checked["version"] = version
+    return Compiled(service=service, version=version, snapshot=checked)
+
+
+def compile_all(resources: ResourceSet, endpoints: Iterable[Registration],
+                services: Iterable[str]) -> dict[str, Compiled]:
+    endpoints = list(endpoints)
+    return {s: compile_service(resources, endpoints, s) for s in sorted(set(services))}

@@ -1,0 +1,154 @@
+"""Telemetry with real processes: `mesh controlplane`, `mesh top`, `mesh telemetry`, and a
+raw nats-py consumer that only knows docs/telemetry.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+from telemetry_helpers import CHAIN, simulate
+
+from bus.client import connect
+from bus.server import NatsServer
+from sidecar.telemetry import Recorder, TelemetryPublisher
+
+MESH = [sys.executable, "-m", "mesh"]
+HERE = Path(__file__).parent
+
+
+@asynccontextmanager
+async def process(
+    argv: list[str], env: dict[str, str] | None = None
+) -> AsyncIterator[trio.Process]:
+    proc = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
+    )
+    try:
+        yield proc
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(5):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            for s in (proc.stdout, proc.stderr):
+                if s is not None:
+                    await s.aclose()
+
+
+async def read_json_line(proc: trio.Process, key: str, timeout: float = 20) -> dict[str, Any]:
+    assert proc.stdout is not None
+    buf = b""
+    with trio.fail_after(timeout):
+        while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.startswith(b"{"):
+                    obj: dict[str, Any] = json.loads(line)
+                    if key in obj:
+                        return obj
+            chunk = await proc.stdout.receive_some(65536)
+            if not chunk:
+                err = b""
+                if proc.stderr is not None:
+                    with trio.move_on_after(1):
+                        err = await proc.stderr.receive_some(65536)
+                raise AssertionError(f"process exited: {buf.decode()} {err.decode()}")
+            buf += chunk
+
+
+async def mesh(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(30):
+        return await trio.run_process(
+            [*MESH, *args], capture_stdout=True, capture_stderr=True, check=False
+        )
+
+
+async def test_top_and_raw_consumer_see_the_chain_through_real_processes(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.url
+    recorders = {s: Recorder("default", s, f"{s}-1") for s in ("frontend", "backend")}
+    async with (
+        process(
+            [*MESH, "controlplane", "--nats", url, "--replica", "cp-1", "--ready-line"],
+            env={"MESH_METRICS_PORT": "0", "MESH_DASHBOARD_PORT": "0", "MESH_CA_SECRET": "s" * 32},
+        ) as cp,
+        process([sys.executable, str(HERE / "raw_nats_subscriber.py"), url, "2"]) as raw,
+        process([*MESH, "telemetry", "--nats", url, "-n", "1"]) as tail,
+        connect(url, name="sidecars") as bus,
+        trio.open_nursery() as nursery,
+    ):
+        await read_json_line(cp, "event")
+        await read_json_line(raw, "ready")
+        # `mesh telemetry` is ready once connected; give it the time to subscribe by
+        # publishing until it prints (its count is 1).
+        publishers = [TelemetryPublisher(r, bus, interval=0.2) for r in recorders.values()]
+        for p in publishers:
+            await nursery.start(p.run)
+        simulate(recorders)
+
+        # The raw consumer decoded both sidecars' batches from the docs alone.
+        result = await read_json_line(raw, "batches")
+        pairs = result["pairs"]
+        assert pairs["frontend->backend"]["n"] == 100
+        assert pairs["frontend->backend"]["err"] == 10
+        assert pairs["frontend->backend"]["5xx"] == 10
+        assert pairs["frontend->backend"]["lat_count"] == 100
+        assert pairs["backend->db"] == {
+            "n": 50,
+            "err": 0,
+            "5xx": 0,
+            "lat_count": 50,
+            "max_le_us": 2691,
+        }
+
+        # `mesh top --once --json` against the real control plane.
+        with trio.fail_after(20):
+            while True:
+                out = await mesh("top", "--nats", url, "--once", "--json", "--window", "1m")
+                assert out.returncode == 0, out.stderr.decode()
+                snap = json.loads(out.stdout)
+                edges = {(e["src"], e["dst"]): e for e in snap["edges"]}
+                if all(edges.get((s, d), {}).get("requests") == n for s, d, _, n, _ in CHAIN):
+                    break
+                await trio.sleep(0.1)
+        assert edges[("frontend", "backend")]["error_rate"] == 0.1
+        assert edges[("frontend", "backend")]["success_rate"] == 0.9
+        assert edges[("backend", "db")]["error_rate"] == 0.0
+        assert snap["replica"] == "cp-1" and snap["ingest"]["batches"] >= 2
+
+        text = await mesh("top", "--nats", url, "--once", "--window", "1m")
+        lines = text.stdout.decode().splitlines()
+        assert lines[0].split() == ["SRC", "DST", "RPS", "SUCCESS", "REQUESTS", "P50", "P90", "P99"]
+        row = next(line.split() for line in lines if line.startswith("frontend"))
+        assert row[:2] == ["frontend", "backend"] and row[3] == "90.00%" and row[4] == "100"
+
+        # Keep traffic flowing until `mesh telemetry -n 1` has printed a decoded batch.
+        line: dict[str, Any] = {}
+        with trio.fail_after(20):
+            while not line:
+                simulate(recorders)
+                with trio.move_on_after(0.5):
+                    line = await read_json_line(tail, "subject", timeout=30)
+        assert line["type"] == "telemetry.batch"
+        assert line["subject"].startswith("mesh.telemetry.default.")
+        assert line["body"]["schema"] == 1 and line["body"]["pairs"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_top_without_a_control_plane_is_a_one_line_error(nats_server: NatsServer) -> None:
+    out = await mesh("top", "--nats", nats_server.url, "--once", "--timeout", "0.5")
+    assert out.returncode == 1
+    err = out.stderr.decode()
+    assert "no telemetry aggregator answered" in err and "Traceback" not in err

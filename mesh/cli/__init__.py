@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "mesh.cli.controlplane_cmd",
     "mesh.cli.sidecar_cmd",
     "mesh.cli.load_cmd",
+    "mesh.cli.doctor_cmd",
     "mesh.cli.top_cmd",
     "mesh.cli.telemetry_cmd",
     "mesh.cli.token_cmd",

@@ -89,12 +89,13 @@ def signing_root(ca: pki.CertificateAuthority) -> x509.Certificate:
 
 
 class CaActor:
-    """Actor ``ca``. ``config=None`` reads the environment when it starts (``CaConfig``)."""
+    """Actor ``ca``. ``config=None`` reads the environment (``CaConfig.from_env``) here, so a
+    replica without an operator secret fails before it connects, with one clear error."""
 
     name = "ca"
 
     def __init__(self, config: CaConfig | None = None, *, clock: Callable[[], float] = time.time):
-        self._config = config
+        self._config = config if config is not None else CaConfig.from_env()
         self._clock = clock
         self.ca: pki.CertificateAuthority | None = None  # set while leading
         self.leading = trio.Event()  # set while this replica serves as leader
@@ -106,7 +107,7 @@ class CaActor:
     async def run(
         self, ctx: ActorContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        config = self._config if self._config is not None else CaConfig.from_env()
+        config = self._config
         bus = ctx.bus
         kv_ca = await open_kv(bus, subjects.KV_CA, replicas=config.kv_replicas)
         kv_tokens = await open_kv(bus, subjects.KV_TOKENS, replicas=config.kv_replicas)

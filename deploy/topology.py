@@ -145,7 +145,7 @@ def parse_topology(data: Any, where: str = "topology") -> Topology:
         )
     names = [s.name for s in services]
     for i, s in enumerate(services):
-        if names.count(s.name) > 1:
+        if s.name in names[:i]:
             raise _fail(where, f"services[{i}].name", f"service {s.name!r} is defined twice")
         for j, callee in enumerate(s.calls):
             if callee not in names:

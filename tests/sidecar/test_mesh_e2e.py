@@ -59,6 +59,7 @@ class Mesh:
                 {"name": "faulty", "routes": [{"fault": {"abort": {"percent": 100,
                                                                    "status": 418}}}]},
                 {"name": "narrow", "routes": [{}]},
+                {"name": "quick", "routes": [{"cluster": "narrow", "timeout": 0.2}]},
                 {"name": "sticky", "routes": [{}]},
                 {"name": "p2c", "routes": [{}]},
                 {"name": "pertry", "routes": [{"cluster": "ratings", "timeout": 5, "retries": {
@@ -221,6 +222,18 @@ def test_hash_and_least_request_balancing(mesh: Mesh) -> None:
     assert set(placement.values()) == {"good-a", "good-b"}
     apps = Counter(h["x-app"] for _, h, _ in _many(port, 100, "p2c"))
     assert set(apps) == {"good-a", "good-b"}
+
+
+def test_keep_alive_outlives_a_short_route_timeout(mesh: Mesh) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", mesh.client.outbound, timeout=5)
+    try:
+        assert request(mesh.client.outbound, "/anything", host="quick", conn=conn)[0] == 200
+        sock = conn.sock
+        time.sleep(0.5)  # idle past the 0.2 s route timeout, within the idle timeout
+        assert request(mesh.client.outbound, "/anything", host="quick", conn=conn)[0] == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
 
 
 def test_circuit_breaker_overflow(mesh: Mesh) -> None:

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sidecar_helpers import Procs, Sidecar, raw_exchange, request, snapshot
 
-LIMITS = {"max_header_bytes": 2048, "max_body_bytes": 1_000_000, "header_timeout": 0.5}
+LIMITS = {"max_header_bytes": 2048, "max_body_bytes": 1_000_000, "header_timeout": 0.5,
+          "idle_timeout": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -286,3 +287,14 @@ def test_fuzzed_bytes_never_hurt_the_sidecar(side: Sidecar, parts: list[bytes]) 
     for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply):
         assert 100 <= int(status) < 600
     assert side.proc.poll() is None
+
+
+def test_idle_keep_alive_connection_is_closed(side: Sidecar) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", side.inbound, timeout=5)
+    try:
+        assert request(side.inbound, "/anything", conn=conn)[0] == 200
+        t0 = time.monotonic()
+        assert conn.sock.recv(65536) == b""  # closed by the sidecar, silently
+        assert 0.8 < time.monotonic() - t0 < 4
+    finally:
+        conn.close()

@@ -1,0 +1,170 @@
+"""Access logs: one JSON object per request, to a file or stdout, optionally on NATS.
+
+The request path calls `AccessLog.record(...)`, which formats the line and
+appends it to an in-memory buffer (no I/O); the `run` task writes the buffer
+every `flush_interval` seconds and, when a bus is given, publishes each entry as
+an `accesslog` message on ``mesh.accesslog.<service>``. Fields (docs/telemetry.md):
+
+start_time (RFC 3339 UTC, ms), method, path, authority, protocol, status,
+response_flags, duration_ms, upstream (endpoint host:port, "" if none),
+source (peer identity or service), request_id, trace_id, rx_bytes, tx_bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from bus import subjects
+from bus.client import Bus
+from mesh.errors import ConfigError, MeshError
+from mesh.messages import AccessLogEntry
+
+log = logging.getLogger("mesh.sidecar.accesslog")
+
+FIELDS = (
+    "start_time",
+    "method",
+    "path",
+    "authority",
+    "protocol",
+    "status",
+    "response_flags",
+    "duration_ms",
+    "upstream",
+    "source",
+    "request_id",
+    "trace_id",
+    "rx_bytes",
+    "tx_bytes",
+)
+MAX_BUFFERED = 100_000
+
+
+def rfc3339(unix_s: float) -> str:
+    return (
+        datetime.fromtimestamp(unix_s, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def entry(
+    *,
+    start_time: float,
+    method: str,
+    path: str,
+    authority: str,
+    status: int,
+    response_flags: str,
+    duration: float,
+    upstream: str = "",
+    source: str = "",
+    request_id: str = "",
+    trace_id: str = "",
+    rx_bytes: int = 0,
+    tx_bytes: int = 0,
+    protocol: str = "HTTP/1.1",
+) -> dict[str, Any]:
+    """The access-log record, with FIELDS in order. `start_time` is unix seconds."""
+    return {
+        "start_time": rfc3339(start_time),
+        "method": method,
+        "path": path,
+        "authority": authority,
+        "protocol": protocol,
+        "status": status,
+        "response_flags": response_flags,
+        "duration_ms": round(duration * 1000, 3),
+        "upstream": upstream,
+        "source": source,
+        "request_id": request_id,
+        "trace_id": trace_id,
+        "rx_bytes": rx_bytes,
+        "tx_bytes": tx_bytes,
+    }
+
+
+def format_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+class AccessLog:
+    """Buffered JSON-lines writer. `target`: a path, "-" for stdout, or an open text file."""
+
+    def __init__(
+        self,
+        target: str | Path | TextIO,
+        *,
+        service: str = "",
+        bus: Bus | None = None,
+        flush_interval: float = 0.2,
+    ) -> None:
+        self._own = False
+        if isinstance(target, (str, Path)):
+            if str(target) == "-":
+                self.file: TextIO = sys.stdout
+            else:
+                try:
+                    self.file = open(target, "a", encoding="utf-8")  # closed in close()
+                except OSError as exc:
+                    raise ConfigError(f"cannot open access log {target}: {exc.strerror}") from None
+                self._own = True
+        else:
+            self.file = target
+        self.subject = subjects.accesslog(service) if bus is not None else ""
+        self.bus = bus
+        self.flush_interval = flush_interval
+        self._lines: list[str] = []
+        self._entries: list[dict[str, Any]] = []
+        self.dropped = 0
+        self.written = 0
+
+    def record(self, **fields: Any) -> None:
+        """Format one request's line (keywords of `entry`); written by the next flush."""
+        if len(self._lines) >= MAX_BUFFERED:
+            self.dropped += 1
+            return
+        rec = entry(**fields)
+        self._lines.append(format_line(rec))
+        if self.bus is not None:
+            self._entries.append(rec)
+
+    def flush(self) -> None:
+        lines, self._lines = self._lines, []
+        entries, self._entries = self._entries, []
+        if lines:
+            try:
+                self.file.write("".join(lines))
+                self.file.flush()
+                self.written += len(lines)
+            except OSError as exc:
+                self.dropped += len(lines)
+                log.warning("access log write failed: %s", exc)
+        if self.bus is not None:
+            for rec in entries:
+                try:
+                    self.bus.publish_nowait(self.subject, AccessLogEntry(entry=rec))
+                except (MeshError, trio.ClosedResourceError) as exc:
+                    self.dropped += 1
+                    log.debug("access log entry not published: %s", exc)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.flush_interval)
+                self.flush()
+        finally:
+            self.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._own:
+            self.file.close()

@@ -1,0 +1,293 @@
+"""W3C trace context and one span per sidecar hop.
+
+Pure helpers parse and format ``traceparent``/``tracestate``
+(https://www.w3.org/TR/trace-context/). `HopTracer` makes one OpenTelemetry SDK
+span per hop: a child of the incoming ``traceparent`` when there is one (a new
+trace otherwise), sampled by ``ParentBased(TraceIdRatioBased(ratio))`` so the
+first sidecar decides and the others follow. Finished sampled spans are kept in
+memory until `SpanShipper` (a trio task, no threads) publishes them over NATS on
+``mesh.spans.<service>`` (for `mesh trace ID`) and, when an endpoint is set,
+POSTs them as OTLP/HTTP protobuf to ``<endpoint>/v1/traces``.
+
+Request path:
+
+    hop = tracer.start_hop("GET /users", request_traceparent, request_tracestate)
+    ... send upstream with headers traceparent=hop.traceparent (and tracestate) ...
+    hop.finish(status, flags)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.status import Status, StatusCode
+
+from bus import subjects
+from bus.client import Bus
+from mesh.errors import ConfigError, MeshError
+from mesh.messages import SpanRecord
+
+log = logging.getLogger("mesh.sidecar.tracing")
+
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_TRACESTATE_MAX = 512
+MAX_PENDING_SPANS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class TraceParent:
+    trace_id: str  # 32 lowercase hex
+    parent_id: str  # 16 lowercase hex
+    flags: int
+
+    @property
+    def sampled(self) -> bool:
+        return bool(self.flags & 1)
+
+
+def parse_traceparent(value: str | None) -> TraceParent | None:
+    """The W3C traceparent, or None when absent or invalid (the spec: then start a new trace)."""
+    if not value:
+        return None
+    m = _TRACEPARENT.match(value.strip())
+    if m is None:
+        return None
+    version, trace_id, parent_id, flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    if trace_id == "0" * 32 or parent_id == "0" * 16:
+        return None
+    return TraceParent(trace_id, parent_id, int(flags, 16))
+
+
+def format_traceparent(trace_id: str, span_id: str, flags: int) -> str:
+    return f"00-{trace_id}-{span_id}-{flags & 0xFF:02x}"
+
+
+def clean_tracestate(value: str | None) -> str:
+    """The tracestate to forward: list members kept in order, empty ones dropped, at most
+    32 members and 512 characters (whole members are dropped from the end)."""
+    if not value:
+        return ""
+    members = [m.strip() for m in value.split(",") if "=" in m][:32]
+    out: list[str] = []
+    size = 0
+    for m in members:
+        if size + len(m) + (1 if out else 0) > _TRACESTATE_MAX:
+            break
+        out.append(m)
+        size += len(m) + (1 if len(out) > 1 else 0)
+    return ",".join(out)
+
+
+class _Collector(SpanProcessor):
+    """Keeps finished sampled spans for the shipper (bounded; overflow is counted)."""
+
+    def __init__(self) -> None:
+        self.pending: list[ReadableSpan] = []
+        self.dropped = 0
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if len(self.pending) < MAX_PENDING_SPANS:
+            self.pending.append(span)
+        else:
+            self.dropped += 1
+
+    def take(self) -> list[ReadableSpan]:
+        taken, self.pending = self.pending, []
+        return taken
+
+
+class Hop:
+    """One sidecar hop's span. `traceparent`/`tracestate` are the headers to send upstream."""
+
+    __slots__ = ("_span", "sampled", "span_id", "trace_id", "traceparent", "tracestate")
+
+    def __init__(self, span: trace.Span, tracestate: str) -> None:
+        self._span = span
+        ctx = span.get_span_context()
+        self.trace_id = f"{ctx.trace_id:032x}"
+        self.span_id = f"{ctx.span_id:016x}"
+        self.sampled = bool(ctx.trace_flags.sampled)
+        self.traceparent = format_traceparent(self.trace_id, self.span_id, int(ctx.trace_flags))
+        self.tracestate = tracestate
+
+    def finish(self, status: int, flags: str = "", **attrs: Any) -> None:
+        span = self._span
+        if span.is_recording():
+            span.set_attribute("http.response.status_code", status)
+            if flags:
+                span.set_attribute("mesh.response_flags", flags)
+            for k, v in attrs.items():
+                span.set_attribute(k, v)
+            if status >= 500 or status < 100:
+                span.set_status(Status(StatusCode.ERROR))
+        span.end()
+
+
+class HopTracer:
+    def __init__(self, service: str, *, sample_ratio: float = 0.01) -> None:
+        if not 0.0 <= sample_ratio <= 1.0:
+            raise ConfigError(f"trace sample ratio {sample_ratio} is not between 0 and 1")
+        self.service = service
+        self.collector = _Collector()
+        self.provider = TracerProvider(
+            sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+            resource=Resource.create({"service.name": service}),
+            shutdown_on_exit=False,
+        )
+        self.provider.add_span_processor(self.collector)
+        self.tracer = self.provider.get_tracer("trio-mesh.sidecar")
+
+    def start_hop(
+        self,
+        name: str,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+        *,
+        kind: SpanKind = SpanKind.SERVER,
+        attributes: dict[str, Any] | None = None,
+    ) -> Hop:
+        parent = parse_traceparent(traceparent)
+        context = None
+        state = ""
+        if parent is not None:
+            remote = SpanContext(
+                trace_id=int(parent.trace_id, 16),
+                span_id=int(parent.parent_id, 16),
+                is_remote=True,
+                trace_flags=TraceFlags(parent.flags),
+            )
+            context = trace.set_span_in_context(NonRecordingSpan(remote))
+            state = clean_tracestate(tracestate)
+        span = self.tracer.start_span(
+            name,
+            context=context,
+            kind=kind,
+            attributes={"mesh.service": self.service, **(attributes or {})},
+        )
+        return Hop(span, state)
+
+
+def span_record(span: ReadableSpan, service: str) -> SpanRecord:
+    ctx = span.get_span_context()
+    assert ctx is not None
+    parent = span.parent
+    return SpanRecord(
+        trace_id=f"{ctx.trace_id:032x}",
+        span_id=f"{ctx.span_id:016x}",
+        parent_id=f"{parent.span_id:016x}" if parent is not None else "",
+        name=span.name,
+        service=service,
+        start_ns=span.start_time or 0,
+        end_ns=span.end_time or 0,
+        attrs={
+            k: v
+            for k, v in (span.attributes or {}).items()
+            if isinstance(v, (str, int, float, bool))
+        },
+        error=span.status.status_code == StatusCode.ERROR,
+    )
+
+
+def encode_otlp(spans: list[ReadableSpan]) -> bytes:
+    """OTLP/HTTP protobuf body (ExportTraceServiceRequest) for these spans."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    data: bytes = encode_spans(spans).SerializeToString()
+    return data
+
+
+async def post(url: str, body: bytes, content_type: str, timeout: float = 5.0) -> int:
+    """One HTTP/1.1 POST on a fresh connection (http or https); returns the status."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"OTLP endpoint {url!r} is not an http(s):// URL")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path or "/"
+    with trio.fail_after(timeout):
+        stream: trio.abc.Stream
+        if parts.scheme == "https":
+            stream = await trio.open_ssl_over_tcp_stream(
+                parts.hostname, port, ssl_context=ssl.create_default_context()
+            )
+        else:
+            stream = await trio.open_tcp_stream(parts.hostname, port)
+        async with stream:
+            await stream.send_all(
+                f"POST {path} HTTP/1.1\r\nhost: {parts.netloc}\r\ncontent-type: {content_type}\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
+                + body
+            )
+            head = b""
+            while b"\r\n" not in head:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                head += chunk
+    fields = head.split(b" ", 2)
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
+
+
+class SpanShipper:
+    """Ships finished spans every `interval`: over NATS and/or OTLP/HTTP."""
+
+    def __init__(
+        self,
+        tracer: HopTracer,
+        *,
+        bus: Bus | None = None,
+        otlp_endpoint: str | None = None,
+        interval: float = 0.5,
+    ) -> None:
+        self.tracer = tracer
+        self.bus = bus
+        self.otlp_url = otlp_endpoint.rstrip("/") + "/v1/traces" if otlp_endpoint else None
+        self.interval = interval
+        self.published = 0
+        self.exported = 0
+        self.export_errors = 0
+
+    async def ship_once(self) -> None:
+        spans = self.tracer.collector.take()
+        if not spans:
+            return
+        if self.bus is not None:
+            subject = subjects.spans(self.tracer.service)
+            for s in spans:
+                try:
+                    self.bus.publish_nowait(subject, span_record(s, self.tracer.service))
+                    self.published += 1
+                except (MeshError, trio.ClosedResourceError) as exc:
+                    log.debug("span not published: %s", exc)
+        if self.otlp_url is not None:
+            try:
+                status = await post(self.otlp_url, encode_otlp(spans), "application/x-protobuf")
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                status = 0
+                log.warning("OTLP export to %s failed: %s", self.otlp_url, exc)
+            if 200 <= status < 300:
+                self.exported += len(spans)
+            else:
+                self.export_errors += 1
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(self.interval)
+                await self.ship_once()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await self.ship_once()

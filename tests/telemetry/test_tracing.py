@@ -1,0 +1,246 @@
+"""Trace context, spans per hop (OpenTelemetry SDK), spans over NATS and OTLP/HTTP, access logs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from actors.runtime import ActorContext
+from actors.telemetry import TelemetryActor
+from bus import subjects
+from bus.client import connect
+from bus.server import NatsServer
+from mesh.errors import ConfigError
+from mesh.messages import AccessLogEntry
+from sidecar.accesslog import FIELDS, AccessLog
+from sidecar.tracing import (
+    HopTracer,
+    SpanShipper,
+    clean_tracestate,
+    format_traceparent,
+    parse_traceparent,
+)
+
+TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_traceparent_parse_and_format() -> None:
+    p = parse_traceparent(TP)
+    assert p is not None and p.sampled
+    assert (p.trace_id, p.parent_id) == ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+    assert format_traceparent(p.trace_id, p.parent_id, p.flags) == TP
+    for bad in (
+        None,
+        "",
+        "garbage",
+        TP.upper(),
+        "ff" + TP[2:],
+        "00-" + "0" * 32 + "-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01",
+        TP + "-extra",  # version 00 has exactly four fields
+    ):
+        assert parse_traceparent(bad) is None, bad
+    # A future version may carry more fields; the first four still count.
+    future = parse_traceparent("cc" + TP[2:] + "-what-ever")
+    assert future is not None and future.trace_id == p.trace_id
+
+
+def test_tracestate_is_forwarded_cleaned_and_bounded() -> None:
+    assert clean_tracestate("a=1, b=2,,junk") == "a=1,b=2"
+    long = ",".join(f"k{i}={'x' * 30}" for i in range(40))
+    out = clean_tracestate(long)
+    assert len(out) <= 512 and out.count("=") <= 32 and out.startswith("k0=")
+    assert clean_tracestate(None) == ""
+
+
+def _three_hops(tracers: list[HopTracer]) -> list[Any]:
+    hops = []
+    parent, state = None, "vendor=abc"
+    for i, t in enumerate(tracers):
+        hop = t.start_hop(f"GET /hop{i}", parent, state)
+        hops.append(hop)
+        parent, state = hop.traceparent, hop.tracestate
+    for hop in reversed(hops):
+        hop.finish(200)
+    return hops
+
+
+def test_three_hops_make_parent_child_spans_with_one_trace_id() -> None:
+    tracers = [HopTracer(s, sample_ratio=1.0) for s in ("frontend", "backend", "db")]
+    hops = _three_hops(tracers)
+    spans = [t.collector.take() for t in tracers]
+    assert [len(s) for s in spans] == [1, 1, 1]
+    a, b, c = (s[0] for s in spans)
+    trace_ids = {x.get_span_context().trace_id for x in (a, b, c)}
+    assert trace_ids == {int(hops[0].trace_id, 16)}
+    assert a.parent is None
+    assert b.parent is not None and b.parent.span_id == a.get_span_context().span_id
+    assert c.parent is not None and c.parent.span_id == b.get_span_context().span_id
+    assert hops[2].tracestate == ""  # the first hop started the trace: nothing to forward
+    parsed = [parse_traceparent(h.traceparent) for h in hops]
+    assert all(p is not None and p.sampled for p in parsed)
+
+
+def test_sampling_is_decided_once_and_followed_downstream() -> None:
+    first = HopTracer("frontend", sample_ratio=0.0)
+    rest = [HopTracer(s, sample_ratio=1.0) for s in ("backend", "db")]
+    hops = _three_hops([first, *rest])
+    assert len({h.trace_id for h in hops}) == 1  # propagated even when not sampled
+    assert len({h.span_id for h in hops}) == 3
+    assert not any(h.sampled for h in hops)
+    assert all(not t.collector.take() for t in (first, *rest))
+    # An incoming sampled parent is followed even at ratio 0, and its tracestate forwarded.
+    hop = first.start_hop("GET /", TP, "x=1,y=2")
+    hop.finish(503)
+    (span,) = first.collector.take()
+    assert hop.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and hop.tracestate == "x=1,y=2"
+    assert not span.status.is_ok
+    with pytest.raises(ConfigError):
+        HopTracer("x", sample_ratio=2.0)
+
+
+async def otlp_collector(
+    received: list[bytes], *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += await stream.receive_some(65536)
+        head, body = buf.split(b"\r\n\r\n", 1)
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        while len(body) < length:
+            body += await stream.receive_some(65536)
+        assert head.startswith(b"POST /v1/traces ")
+        received.append(body)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(handle, listeners)
+
+
+async def test_spans_reach_mesh_trace_over_nats_and_an_otlp_collector(
+    nats_server: NatsServer,
+) -> None:
+    url = nats_server.url
+    received: list[bytes] = []
+    actor = TelemetryActor(metrics_port=None)
+    async with (
+        connect(url, name="cp") as cp_bus,
+        connect(url, name="sidecars") as bus,
+        trio.open_nursery() as nursery,
+    ):
+        await nursery.start(actor.run, ActorContext(bus=cp_bus, replica="cp-1"))
+        port = await nursery.start(otlp_collector, received)
+        tracers = [HopTracer(s, sample_ratio=1.0) for s in ("frontend", "backend", "db")]
+        shippers = [
+            SpanShipper(t, bus=bus, otlp_endpoint=f"http://127.0.0.1:{port}", interval=0.05)
+            for t in tracers
+        ]
+        for s in shippers:
+            await nursery.start(s.run)
+        hops = _three_hops(tracers)
+        trace_id = hops[0].trace_id
+        with trio.fail_after(10):
+            while len(actor.spans.get(trace_id)) < 3 or len(received) < 3:
+                await trio.sleep(0.02)
+
+        out = await trio.run_process(
+            [sys.executable, "-m", "mesh", "trace", "--nats", url, hops[1].traceparent, "--json"],
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+        spans = json.loads(out.stdout)["spans"]
+        assert [s["service"] for s in spans] == ["frontend", "backend", "db"]
+        assert {s["trace_id"] for s in spans} == {trace_id}
+        assert spans[0]["parent_id"] == ""
+        assert spans[1]["parent_id"] == spans[0]["span_id"]
+        assert spans[2]["parent_id"] == spans[1]["span_id"]
+        tree = await trio.run_process(
+            [sys.executable, "-m", "mesh", "trace", "--nats", url, trace_id],
+            capture_stdout=True,
+        )
+        text = tree.stdout.decode().splitlines()
+        assert text[0] == f"trace {trace_id}: 3 spans"
+        assert [line.index(":") - len(line.lstrip()) for line in text[1:]] and text[3].startswith(
+            "      db: GET /hop2"
+        )
+
+        otlp_trace_ids = set()
+        services = set()
+        for body in received:
+            req = ExportTraceServiceRequest.FromString(body)
+            for rs in req.resource_spans:
+                services.update(
+                    a.value.string_value for a in rs.resource.attributes if a.key == "service.name"
+                )
+                for ss in rs.scope_spans:
+                    otlp_trace_ids.update(s.trace_id.hex() for s in ss.spans)
+        assert otlp_trace_ids == {trace_id}
+        assert services == {"frontend", "backend", "db"}
+        assert all(s.exported == 1 and s.export_errors == 0 for s in shippers)
+        nursery.cancel_scope.cancel()
+
+
+async def test_access_log_lines_are_json_with_the_listed_fields(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    path = tmp_path / "access.log"
+    async with connect(nats_server.url, name="al") as bus:
+        async with bus.subscribe(subjects.accesslog("frontend")) as sub:
+            alog = AccessLog(path, service="frontend", bus=bus)
+            for i, status in enumerate((200, 503, 0)):
+                alog.record(
+                    start_time=1_700_000_000.5 + i,
+                    method="GET",
+                    path=f"/users/{i}?q=1",
+                    authority="backend",
+                    status=status,
+                    response_flags="UF" if status == 0 else "",
+                    duration=0.0123,
+                    upstream="127.0.0.1:8080",
+                    source="spiffe://mesh.local/ns/default/sa/frontend",
+                    request_id=f"req-{i}",
+                    trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+                    rx_bytes=10,
+                    tx_bytes=2048,
+                )
+            alog.close()
+            with trio.fail_after(5):
+                got = [d.body async for d in _take(sub, 3)]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3
+    records = [json.loads(line) for line in lines]
+    for r in records:
+        assert tuple(r) == FIELDS
+    assert records[0]["start_time"] == "2023-11-14T22:13:20.500Z"
+    assert [r["status"] for r in records] == [200, 503, 0]
+    assert records[2]["response_flags"] == "UF" and records[1]["duration_ms"] == 12.3
+    assert all(isinstance(g, AccessLogEntry) for g in got)
+    assert [g.entry["request_id"] for g in got if isinstance(g, AccessLogEntry)] == [
+        "req-0",
+        "req-1",
+        "req-2",
+    ]
+    with pytest.raises(ConfigError):
+        AccessLog(tmp_path / "missing-dir" / "x.log")
+
+
+async def _take(sub: Any, n: int) -> Any:
+    i = 0
+    async for d in sub:
+        yield d
+        i += 1
+        if i >= n:
+            return

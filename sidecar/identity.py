@@ -158,6 +158,17 @@ class IdentityAgent:
             stream, trust_domain=self.trust_domain, expected=expected
         )
 
+    def certs_pem(self) -> tuple[bytes, bytes]:
+        """(current chain, trust bundle) as PEM for the admin endpoint ``/certs``. Never the
+        key."""
+        return self.svid.issued.chain_pem, self.bundle.pem
+
+    def seconds_to_expiry(self) -> float:
+        """For the metrics gauge; 0 before the first certificate."""
+        if self._svid is None:
+            return 0.0
+        return max(0.0, self._svid.issued.seconds_to_expiry(datetime.now(UTC)))
+
     async def wait_ready(self) -> None:
         await self._ready.wait()
 
@@ -245,6 +256,14 @@ class IdentityAgent:
                     attempt += 1
                     self._failed(exc)
                     left = self.svid.issued.seconds_to_expiry(datetime.now(UTC))
+                    if left <= 0:
+                        # A renewal is proven with the current certificate: once it has
+                        # expired, only a new join token can get this workload back in.
+                        raise pki.CertExpired(
+                            f"{self.identity}: certificate {self.svid.issued.serial_hex} "
+                            f"expired before it could be renewed (last error: "
+                            f"{self.last_error}); restart the sidecar with a new join token"
+                        ) from exc
                     await trio.sleep(pki.retry_delay(attempt, time_left=left, rng=self._rng))
 
     def _failed(self, exc: BaseException) -> None:

@@ -6,14 +6,19 @@ from datetime import timedelta
 
 import pytest
 import trio
-from conftest import TD, Mesh, running_mesh
+from conftest import SECRET, TD, Mesh, running_mesh
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from tls_helpers import mtls_exchange
 
+from actors.ca import CaActor
+from actors.ca_config import CaConfig
+from actors.runtime import ActorContext
 from bus import subjects
+from bus.client import connect
 from bus.server import NatsServer
 from mesh import pki, pki_ca
+from mesh.cli.token_cmd import create_token
 from mesh.concurrency import unwrap_single
 from mesh.messages import CsrReply, CsrRequest
 from mesh.pki_errors import TokenReplayed, TokenUnknown, TokenWrongIdentity
@@ -116,3 +121,38 @@ async def test_short_ttl_agents_renew_repeatedly_and_mtls_keeps_working(
                 serials |= {client.svid.issued.serial, server.svid.issued.serial}
         assert len(serials) >= 8
         assert client.failures == 0 and server.failures == 0
+
+
+async def test_renewal_retries_with_backoff_while_the_ca_is_down(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pki_ca, "MIN_LEAF_TTL", timedelta(seconds=1))
+    config = CaConfig(secret=SECRET, trust_domain=TD, leaf_ttl=timedelta(seconds=4), lease_ttl=1.0)
+    async with connect(nats_server.url) as bus, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as ca_nursery:
+            first_ca = CaActor(config)
+            await ca_nursery.start(first_ca.run, ActorContext(bus=bus, replica="cp-a"))
+            with trio.fail_after(10):
+                await first_ca.leading.wait()
+            token, _ = await create_token(bus, CHECKOUT)
+            agent = IdentityAgent(CHECKOUT, token=token, request_timeout=0.5)
+            await nursery.start(agent.run, bus)
+            with trio.fail_after(10):
+                await agent.wait_ready()
+            ca_nursery.cancel_scope.cancel()  # the CA goes away (clean stop: lease released)
+        serial = agent.svid.issued.serial
+        with trio.fail_after(10):
+            while agent.failures < 2:
+                await trio.sleep(0.05)
+        assert agent.last_error.startswith("CaUnavailable") and agent.renewals == 0
+        assert agent.svid.issued.serial == serial  # still serving with the current certificate
+        # A CA comes back (another replica): it unseals the same CA and the agent renews.
+        second_ca = CaActor(config)
+        await nursery.start(second_ca.run, ActorContext(bus=bus, replica="cp-b"))
+        with trio.fail_after(10):
+            while agent.renewals < 1:
+                await trio.sleep(0.05)
+        assert agent.svid.issued.serial != serial and agent.last_error == ""
+        assert second_ca.ca is not None and first_ca.ca is None
+        pki.verify_svid(agent.svid.issued.chain, second_ca.ca.bundle, expected=CHECKOUT)
+        nursery.cancel_scope.cancel()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 from collections.abc import Callable
 
@@ -211,7 +210,7 @@ class HttpProxy:
         rid = head.get(b"x-request-id")
         extra: list[tuple[bytes, bytes]] = []
         if rid is None:
-            rid = os.urandom(16).hex().encode()
+            rid = b"%032x" % self._rng.getrandbits(128)  # os.urandom costs a syscall
             extra.append((b"x-request-id", rid))
         if self.outbound:
             source: str | None = self.service_name

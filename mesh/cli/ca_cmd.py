@@ -72,7 +72,8 @@ def cmd_ca(args: argparse.Namespace) -> int:
             for fp in reply.roots:
                 mark = "  (signing)" if fp == reply.signing_root else ""
                 print(f"  root {fp}{mark}")
-            print(reply.message)
+            if reply.ok:
+                print(reply.message)
         if not reply.ok:
             raise CaCommandFailed(f"{action} refused: {reply.message}")
         return 0

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import trio
 
 from actors.ca import CaActor
+from actors.config import ConfigActor
 from actors.ping import PingActor
 from actors.runtime import Actor, ActorContext, Supervisor
 from actors.telemetry import TelemetryActor
@@ -17,7 +18,7 @@ log = logging.getLogger("mesh.controlplane")
 
 
 def default_actors() -> list[Actor]:
-    return [PingActor(), CaActor(), TelemetryActor.from_env()]
+    return [PingActor(), CaActor(), TelemetryActor.from_env(), ConfigActor()]
 
 
 async def run_replica(

@@ -91,7 +91,6 @@ CONFIG_FULL = f"{PREFIX}.config.full"  # request/reply: SnapshotRequest -> Snaps
 CONFIG_HEARTBEAT = f"{PREFIX}.config.heartbeat"  # publish: ConfigHeartbeat
 CONFIG_ACK = f"{PREFIX}.config.ack"  # publish: ConfigAck
 CONFIG_STATUS = f"{PREFIX}.config.status"  # request/reply: ConfigStatusRequest -> ConfigStatus
-CONFIG_REPLICAS = f"{PREFIX}.config.replicas"  # publish: replicas running the config actor
 CONFIG_QUEUE = "config"
 CONFIG_KEY = "resources"  # the one key in KV_CONFIG: the whole resource set per revision
 

@@ -130,11 +130,11 @@ class ClientSync:
             return Ignore("for another instance")
         if push.version == self.version:
             return Ignore(f"already at {push.version}")
+        if push.version == self.nacked:
+            return Ignore(f"{push.version} was refused already")
         if push.full:
             return self._try(Apply(push.version, push.nonce, push.body))
         if self.snapshot is None or push.base != self.version:
-            if push.version == self.nacked:
-                return Ignore(f"{push.version} was refused already")
             self.resyncs += 1
             have = self.version or "nothing"
             return RequestFull(f"gap: have {have}, delta is based on {push.base or 'nothing'}")

@@ -27,6 +27,11 @@ COMMAND_MODULES = (
     "mesh.cli.token_cmd",
     "mesh.cli.ca_cmd",
     "mesh.cli.certs_cmd",
+    "mesh.cli.apply_cmd",
+    "mesh.cli.get_cmd",
+    "mesh.cli.rollback_cmd",
+    "mesh.cli.status_cmd",
+    "mesh.cli.route_cmd",
 )
 
 

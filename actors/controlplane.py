@@ -9,6 +9,7 @@ import trio
 
 from actors.ca import CaActor
 from actors.config import ConfigActor
+from actors.dashboard import DashboardActor
 from actors.ping import PingActor
 from actors.runtime import Actor, ActorContext, Supervisor
 from actors.telemetry import TelemetryActor
@@ -18,7 +19,7 @@ log = logging.getLogger("mesh.controlplane")
 
 
 def default_actors() -> list[Actor]:
-    return [PingActor(), CaActor(), TelemetryActor.from_env(), ConfigActor()]
+    return [PingActor(), CaActor(), TelemetryActor.from_env(), DashboardActor.from_env(), ConfigActor()]
 
 
 async def run_replica(

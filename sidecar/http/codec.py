@@ -219,6 +219,12 @@ class ResponseReader(_Reader):
     def expect_head_response(self) -> None:
         self._head_request = True
 
+    def _check_head_size(self) -> None:
+        if self._head_bytes > self.max_header_bytes:
+            self._error = ProtocolError(
+                502, "UPE", f"upstream header block over {self.max_header_bytes} bytes")
+            raise self._error
+
     def on_status(self, status: bytes) -> None:
         self._reason = status
 

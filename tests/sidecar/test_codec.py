@@ -113,6 +113,10 @@ def test_response_framing_head_204_304_and_chunked() -> None:
     with pytest.raises(ProtocolError) as info:
         ResponseReader().feed(b"\x00\x01 not http\r\n\r\n")
     assert (info.value.status, info.value.flag) == (502, "UPE")
+    with pytest.raises(ProtocolError) as info:  # the upstream's fault, not the client's
+        ResponseReader(max_header_bytes=1024).feed(
+            b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * 2000 + b"\r\n\r\n")
+    assert (info.value.status, info.value.flag) == (502, "UPE")
 
 
 def test_writers_drop_hop_by_hop_and_reframe() -> None:

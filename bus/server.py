@@ -43,6 +43,8 @@ class NodeSpec:
     cluster_name: str = "mesh"
     jetstream: bool = True
     max_payload: int = 8 * 1024 * 1024
+    # Run the binary through this, e.g. ["ip", "netns", "exec", "h1"] for a test host.
+    exec_prefix: list[str] = field(default_factory=list)
 
     def resolve_ports(self) -> None:
         self.port = self.port or free_port(self.host)
@@ -114,7 +116,10 @@ class NatsServer:
         # A local append-only log file: opening it does not block meaningfully.
         with open(self.log_path, "ab") as logf:  # noqa: ASYNC230
             self.process = await trio.lowlevel.open_process(
-                [str(self.binary), "-c", str(conf)], stdout=logf, stderr=logf, **child_kwargs()
+                [*spec.exec_prefix, str(self.binary), "-c", str(conf)],
+                stdout=logf,
+                stderr=logf,
+                **child_kwargs(),
             )
         try:
             if wait_ready:
@@ -192,22 +197,37 @@ class NatsCluster:
     """N nodes on loopback with full-mesh routes and JetStream."""
 
     def __init__(
-        self, size: int, state_dir: Path, host: str = "127.0.0.1", binary: Path | None = None
+        self,
+        size: int,
+        state_dir: Path,
+        host: str = "127.0.0.1",
+        binary: Path | None = None,
+        *,
+        hosts: Sequence[tuple[str, list[str]]] | None = None,
     ) -> None:
+        """`hosts`: one (address, exec prefix) per node, for nodes on separate test hosts;
+        each then uses the standard ports. Otherwise `size` nodes share `host`."""
+        if hosts:
+            size = len(hosts)
         if size < 1:
             raise NatsServerError(f"a cluster needs at least one node, not {size}")
-        cluster_ports = [free_port(host) for _ in range(size)] if size > 1 else [0]
+        if hosts:
+            addrs = [(h, 4222, 8222, 6222 if size > 1 else 0, prefix) for h, prefix in hosts]
+        else:
+            cports = [free_port(host) for _ in range(size)] if size > 1 else [0]
+            addrs = [(host, 0, 0, cports[i], []) for i in range(size)]
         self.nodes: list[NatsServer] = []
-        for i in range(size):
-            routes = [
-                f"nats-route://{host}:{p}" for j, p in enumerate(cluster_ports) if j != i and p
-            ]
+        for i, (addr, port, http_port, cport, prefix) in enumerate(addrs):
+            routes = [f"nats-route://{a[0]}:{a[3]}" for j, a in enumerate(addrs) if j != i and a[3]]
             spec = NodeSpec(
                 name=f"n{i + 1}",
                 state_dir=state_dir / f"n{i + 1}",
-                host=host,
-                cluster_port=cluster_ports[i],
+                host=addr,
+                port=port,
+                http_port=http_port,
+                cluster_port=cport,
                 routes=routes,
+                exec_prefix=list(prefix),
             )
             self.nodes.append(NatsServer(spec, binary))
 

@@ -152,11 +152,12 @@ class ChildProcess:
                 print(f"[{self.name}] {text}", flush=True)
 
     # Chaos and shutdown hooks.
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop for good (SIGKILL here plays a crash that nobody restarts)."""
         self._stopping = True
         if self.process and self.process.returncode is None:
             self.resume()
-            self.process.terminate()
+            self.process.send_signal(sig)
 
     def kill(self) -> None:
         """SIGKILL the current instance; the supervisor restarts it."""

@@ -62,13 +62,15 @@ async def change_config(args: argparse.Namespace, change: Change, *, dry_run: bo
         lines = diff(current.resources, new)
         if not lines:
             print(f"no changes (revision {current.revision})", file=out)
-            return 0
-        print("\n".join(lines), file=out)
-        if dry_run:
+            revision = current.revision
+        elif dry_run:
+            print("\n".join(lines), file=out)
             print("dry run: nothing written", file=out)
             return 0
-        revision = await store.write(new, current.revision, note)
-        print(f"applied: revision {revision}", file=out)
+        else:
+            print("\n".join(lines), file=out)
+            revision = await store.write(new, current.revision, note)
+            print(f"applied: revision {revision}", file=out)
         wait = getattr(args, "wait", 0.0)
         if wait > 0:
             await wait_synced(bus, revision, wait, out)

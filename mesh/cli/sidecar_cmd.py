@@ -76,11 +76,11 @@ def run(args: argparse.Namespace) -> int:
                     ports["instance"] = sync.state.instance
                 line = json.dumps({"event": "ready", "service": opts.service,
                                    "version": opts.version, "pid": _pid(), **ports})
-                print(line, flush=True)
-                if args.ready_file is not None:
+                if args.ready_file is not None:  # before stdout: either signal means both
                     tmp = args.ready_file.with_suffix(".tmp")
                     tmp.write_text(line + "\n")
                     tmp.replace(args.ready_file)  # readers never see half a line
+                print(line, flush=True)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         sidecar.reload()

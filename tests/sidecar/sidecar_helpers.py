@@ -76,14 +76,13 @@ class Procs:
         return int(info["port"])
 
     def sidecar(self, service: str, version: str, app_port: int,
-                snapshot: dict[str, Any]) -> Sidecar:
-        self.count += 0
+                snapshot: dict[str, Any], extra: tuple[str, ...] = ()) -> Sidecar:
         path = self.tmp / f"snapshot-{service}-{version}-{len(self.procs)}.yaml"
         path.write_text(yaml.safe_dump(snapshot))
         proc, info = self.spawn([
             *MESH, "sidecar", "--service", service, "--version", version,
             "--app-port", str(app_port), "--config", str(path), "--outbound-port", "0",
-            "--inbound-port", "0", "--admin-port", "0", "--watch-interval", "0.2"])
+            "--inbound-port", "0", "--admin-port", "0", "--watch-interval", "0.2", *extra])
         return Sidecar(proc, info, path)
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -55,8 +56,13 @@ def test_sighup_and_file_watch_reload(procs: Procs) -> None:
     assert request(side.outbound, "/")[1]["x-app"] == "v1"
 
 
-def test_sigterm_stops_cleanly(procs: Procs) -> None:
-    side = procs.sidecar("a", "v1", procs.app("a"), snapshot())
+def test_sigterm_stops_cleanly_and_ready_file(procs: Procs) -> None:
+    ready = procs.tmp / "ready.json"
+    side = procs.sidecar("a", "v1", procs.app("a"), snapshot(),
+                         extra=("--ready-file", str(ready)))
+    info = json.loads(ready.read_text())
+    assert info["event"] == "ready" and info["inbound"] == side.inbound
+    assert info["pid"] == side.proc.pid
     side.proc.send_signal(signal.SIGTERM)
     assert side.proc.wait(5) == 0
 

@@ -78,8 +78,12 @@ def run(args: argparse.Namespace) -> int:
                                    "version": opts.version, "pid": _pid(), **ports})
                 if args.ready_file is not None:  # before stdout: either signal means both
                     tmp = args.ready_file.with_suffix(".tmp")
-                    tmp.write_text(line + "\n")
-                    tmp.replace(args.ready_file)  # readers never see half a line
+                    try:
+                        tmp.write_text(line + "\n")
+                        tmp.replace(args.ready_file)  # readers never see half a line
+                    except OSError as exc:
+                        raise ConfigError(f"--ready-file {args.ready_file}: cannot write: "
+                                          f"{exc.strerror}") from None
                 print(line, flush=True)
                 async for signum in signals:
                     if signum == signal.SIGHUP:

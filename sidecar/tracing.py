@@ -2,9 +2,10 @@
 
 Pure helpers parse and format ``traceparent``/``tracestate``
 (https://www.w3.org/TR/trace-context/). `HopTracer` makes one OpenTelemetry SDK
-span per hop: a child of the incoming ``traceparent`` when there is one (a new
-trace otherwise), sampled by ``ParentBased(TraceIdRatioBased(ratio))`` so the
-first sidecar decides and the others follow. Finished sampled spans are kept in
+span per sampled hop: a child of the incoming ``traceparent`` when there is one (a
+new trace otherwise). The first sidecar decides sampling (a ratio of new traces) and
+the others follow the flag it sends; an unsampled hop still forwards a traceparent
+with a fresh span id but makes no SDK span. Finished sampled spans are kept in
 memory until `SpanShipper` (a trio task, no threads) publishes them over NATS on
 ``mesh.spans.<service>`` (for `mesh trace ID`) and, when an endpoint is set,
 POSTs them as OTLP/HTTP protobuf to ``<endpoint>/v1/traces``.
@@ -19,6 +20,7 @@ Request path:
 from __future__ import annotations
 
 import logging
+import random
 import re
 import ssl
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ import trio
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
@@ -110,40 +112,61 @@ class _Collector(SpanProcessor):
 
 
 class Hop:
-    """One sidecar hop's span. `traceparent`/`tracestate` are the headers to send upstream."""
+    """One sidecar hop. `traceparent`/`tracestate` are the headers to send upstream.
+
+    Only a sampled hop has an SDK span; an unsampled one is two random ids and a
+    header string, so the 99 % of requests that are not traced cost ~1 µs here.
+    """
 
     __slots__ = ("_span", "sampled", "span_id", "trace_id", "traceparent", "tracestate")
 
-    def __init__(self, span: trace.Span, tracestate: str) -> None:
+    def __init__(
+        self, span: trace.Span | None, trace_id: str, span_id: str, flags: int, tracestate: str
+    ) -> None:
         self._span = span
-        ctx = span.get_span_context()
-        self.trace_id = f"{ctx.trace_id:032x}"
-        self.span_id = f"{ctx.span_id:016x}"
-        self.sampled = bool(ctx.trace_flags.sampled)
-        self.traceparent = format_traceparent(self.trace_id, self.span_id, int(ctx.trace_flags))
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.sampled = bool(flags & 1)
+        self.traceparent = format_traceparent(trace_id, span_id, flags)
         self.tracestate = tracestate
 
     def finish(self, status: int, flags: str = "", **attrs: Any) -> None:
         span = self._span
-        if span.is_recording():
-            span.set_attribute("http.response.status_code", status)
-            if flags:
-                span.set_attribute("mesh.response_flags", flags)
-            for k, v in attrs.items():
-                span.set_attribute(k, v)
-            if status >= 500 or status < 100:
-                span.set_status(Status(StatusCode.ERROR))
+        if span is None:
+            return
+        span.set_attribute("http.response.status_code", status)
+        if flags:
+            span.set_attribute("mesh.response_flags", flags)
+        for k, v in attrs.items():
+            span.set_attribute(k, v)
+        if status >= 500 or status < 100:
+            span.set_status(Status(StatusCode.ERROR))
         span.end()
 
 
+def _nonzero_bits(rng: random.Random, bits: int) -> int:
+    while True:
+        v = rng.getrandbits(bits)
+        if v:
+            return v
+
+
 class HopTracer:
-    def __init__(self, service: str, *, sample_ratio: float = 0.01) -> None:
+    """Makes hops. The sampling decision is taken once per trace, by the first sidecar
+    (`sample_ratio` of new traces); later hops follow the sampled flag they receive."""
+
+    def __init__(
+        self, service: str, *, sample_ratio: float = 0.01, rng: random.Random | None = None
+    ) -> None:
         if not 0.0 <= sample_ratio <= 1.0:
             raise ConfigError(f"trace sample ratio {sample_ratio} is not between 0 and 1")
         self.service = service
+        self.sample_ratio = sample_ratio
+        self._rng = rng or random.Random()
         self.collector = _Collector()
+        # The decision is ours (above); the SDK only sees hops that are sampled.
         self.provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+            sampler=ParentBased(ALWAYS_ON),
             resource=Resource.create({"service.name": service}),
             shutdown_on_exit=False,
         )
@@ -160,8 +183,17 @@ class HopTracer:
         attributes: dict[str, Any] | None = None,
     ) -> Hop:
         parent = parse_traceparent(traceparent)
+        if parent is None:
+            sampled = self._rng.random() < self.sample_ratio
+            state = ""
+        else:
+            sampled = parent.sampled
+            state = clean_tracestate(tracestate)
+        if not sampled:
+            trace_id = parent.trace_id if parent else f"{_nonzero_bits(self._rng, 128):032x}"
+            flags = parent.flags if parent else 0
+            return Hop(None, trace_id, f"{_nonzero_bits(self._rng, 64):016x}", flags, state)
         context = None
-        state = ""
         if parent is not None:
             remote = SpanContext(
                 trace_id=int(parent.trace_id, 16),
@@ -170,14 +202,14 @@ class HopTracer:
                 trace_flags=TraceFlags(parent.flags),
             )
             context = trace.set_span_in_context(NonRecordingSpan(remote))
-            state = clean_tracestate(tracestate)
         span = self.tracer.start_span(
             name,
             context=context,
             kind=kind,
             attributes={"mesh.service": self.service, **(attributes or {})},
         )
-        return Hop(span, state)
+        ctx = span.get_span_context()
+        return Hop(span, f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", int(ctx.trace_flags), state)
 
 
 def span_record(span: ReadableSpan, service: str) -> SpanRecord:

@@ -19,8 +19,10 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import trio
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -34,6 +36,8 @@ from bus.client import Bus
 from mesh.errors import MeshError
 from mesh.stats import PairAgg
 from mesh.telemetry import PairKey, build_batch
+from sidecar.accesslog import AccessLog
+from sidecar.tracing import Hop, HopTracer, SpanShipper
 
 log = logging.getLogger("mesh.sidecar.telemetry")
 
@@ -273,3 +277,107 @@ class TelemetryCollector(Collector):
         )
         errors.add_metric([], r.publish_errors)
         yield errors
+
+
+@dataclass(frozen=True)
+class TelemetryOptions:
+    """What a sidecar's telemetry does; every part is optional except the recorder."""
+
+    namespace: str = "default"
+    interval: float = 1.0  # seconds between telemetry batches
+    trace_sample_ratio: float = 0.01  # of new traces; hops follow an incoming decision
+    otlp_endpoint: str | None = None  # e.g. http://collector:4318 (spans POSTed to /v1/traces)
+    access_log: str | None = None  # a path, or "-" for stdout; None: no access log
+    access_log_publish: bool = False  # also publish entries on mesh.accesslog.<service>
+
+
+class SidecarTelemetry:
+    """Everything the request path needs, behind two calls (`begin`, `end`) and one task.
+
+    Wiring (sidecar/server.py and sidecar/proxy.py; docs/telemetry.md):
+
+        tel = SidecarTelemetry(service, instance, TelemetryOptions(...), bus)
+        tel.register(admin.registry)                # /metrics families
+        await nursery.start(tel.run)                # batches, spans, access-log flushes
+        # per request, at the edges:
+        hop = tel.begin(method_and_path, traceparent, tracestate)
+        ...forward with headers traceparent=hop.traceparent (+ tracestate if non-empty)...
+        tel.end(hop, src=..., dst=..., dst_version=..., status=..., flags=..., ...)
+    """
+
+    def __init__(
+        self, service: str, instance: str, opts: TelemetryOptions, bus: Bus | None
+    ) -> None:
+        self.opts = opts
+        self.bus = bus
+        self.recorder = Recorder(opts.namespace, service, instance)
+        self.tracer = HopTracer(service, sample_ratio=opts.trace_sample_ratio)
+        self.access_log = (
+            AccessLog(
+                opts.access_log,
+                service=service,
+                bus=bus if opts.access_log_publish else None,
+            )
+            if opts.access_log
+            else None
+        )
+
+    def register(self, registry: CollectorRegistry) -> None:
+        registry.register(TelemetryCollector(self.recorder))
+
+    def begin(self, name: str, traceparent: str | None, tracestate: str | None) -> Hop:
+        return self.tracer.start_hop(name, traceparent, tracestate)
+
+    def end(
+        self,
+        hop: Hop,
+        *,
+        src: str,
+        dst: str,
+        dst_version: str,
+        status: int,
+        flags: str,
+        start_time: float,
+        duration: float,
+        rx_bytes: int,
+        tx_bytes: int,
+        method: str = "",
+        path: str = "",
+        authority: str = "",
+        upstream: str = "",
+        request_id: str = "",
+    ) -> None:
+        """One finished request: metrics, batch aggregates, span end, access-log line."""
+        self.recorder.record(src, dst, dst_version, status, flags, duration, rx_bytes, tx_bytes)
+        hop.finish(status, flags)
+        if self.access_log is not None:
+            self.access_log.record(
+                start_time=start_time,
+                method=method,
+                path=path,
+                authority=authority,
+                status=status,
+                response_flags=flags,
+                duration=duration,
+                upstream=upstream,
+                source=src,
+                request_id=request_id,
+                trace_id=hop.trace_id,
+                rx_bytes=rx_bytes,
+                tx_bytes=tx_bytes,
+            )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            if self.bus is not None:
+                await nursery.start(
+                    TelemetryPublisher(self.recorder, self.bus, interval=self.opts.interval).run
+                )
+            if self.bus is not None or self.opts.otlp_endpoint:
+                shipper = SpanShipper(
+                    self.tracer, bus=self.bus, otlp_endpoint=self.opts.otlp_endpoint
+                )
+                await nursery.start(shipper.run)
+            if self.access_log is not None:
+                await nursery.start(self.access_log.run)
+            task_status.started()

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "mesh.cli.top_cmd",
     "mesh.cli.telemetry_cmd",
     "mesh.cli.trace_cmd",
+    "mesh.cli.tap_cmd",
     "mesh.cli.token_cmd",
     "mesh.cli.ca_cmd",
     "mesh.cli.certs_cmd",

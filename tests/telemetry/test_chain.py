@@ -129,3 +129,45 @@ async def test_a_chain_of_hops_gives_counts_one_trace_and_access_logs(
         lines = [json.loads(line) for line in (tmp_path / f"{s}.log").read_text().splitlines()]
         assert len(lines) == 20
         assert [line["trace_id"] for line in lines] == trace_ids
+
+
+async def test_mesh_tap_prints_live_request_lines(nats_server: NatsServer) -> None:
+    import io
+    import subprocess
+    import sys
+
+    from sidecar.accesslog import AccessLog
+
+    async with connect(nats_server.url, name="sidecar") as bus:
+        alog = AccessLog(io.StringIO(), service="frontend", bus=bus)
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "mesh", "tap", "frontend", "--nats", nats_server.url, "-n", "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            with trio.fail_after(20):
+                i = 0
+                while proc.poll() is None:
+                    alog.record(
+                        start_time=1.7e9,
+                        method="GET",
+                        path=f"/p{i}",
+                        authority="backend",
+                        status=200,
+                        response_flags="",
+                        duration=0.002,
+                        source="frontend",
+                        request_id=f"r{i}",
+                    )
+                    alog.flush()
+                    i += 1
+                    await trio.sleep(0.1)
+            assert proc.stdout is not None
+            out = (await proc.stdout.receive_some(65536)).decode().splitlines()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0 and len(out) == 2
+    assert " frontend -> backend GET /p" in out[0] and " 200 2.0ms " in out[0]

@@ -247,9 +247,19 @@ class _LeaderState:
     async def _csr_worker(self, sub: Subscription[Message]) -> None:
         async for delivery in sub:
             body = delivery.body
-            if isinstance(body, CsrRequest) and delivery.reply:
+            if not (isinstance(body, CsrRequest) and delivery.reply):
+                continue
+            try:
                 reply = await self.handle_csr(body)
+            except Exception as exc:  # a request must never crash-loop the CA: answer, log
+                log.error("CA: internal error on a request for %s", body.identity, exc_info=exc)
+                reply = CsrReply(
+                    ok=False, reason="ca-error", message=f"internal CA error: {type(exc).__name__}"
+                )
+            try:
                 self.bus.reply(delivery, reply)
+            except MeshError as exc:  # outbox full: the agent times out and retries
+                log.warning("CA: reply to %s not sent: %s", body.identity, exc)
 
     async def handle_csr(self, req: CsrRequest) -> CsrReply:
         ca = self.ca  # one CA for the whole request, even if a rotation lands meanwhile

@@ -278,7 +278,7 @@ class IdentityAgent:
         except BusError as exc:
             raise CaUnavailable(f"no answer from the CA on {subjects.CA_SIGN}: {exc}") from None
         if not reply.ok:
-            if reply.reason == "ca-unavailable":
+            if reply.reason in ("ca-unavailable", "ca-error"):  # transient: retried
                 raise CaUnavailable(reply.message)
             raise pki.refusal_from_reason(reply.reason, reply.message)
         received = datetime.now(UTC)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from actors.ca_config import KvTokenStore, parse_duration
@@ -31,6 +31,13 @@ def register(sub: Any) -> None:
     c.add_argument("--uses", type=int, default=1, help="redemptions allowed (default 1)")
     c.add_argument("--trust-domain", default="", help="default: the trust domain of the running CA")
     c.set_defaults(func=cmd_create)
+    ls = actions.add_parser("list", help="token records (never the secrets)")
+    add_nats_flag(ls)
+    ls.set_defaults(func=cmd_list)
+    rv = actions.add_parser("revoke", help="revoke a token by its id (the part after tmj1.)")
+    add_nats_flag(rv)
+    rv.add_argument("token_id")
+    rv.set_defaults(func=cmd_revoke)
 
 
 async def trust_domain_of_running_ca(bus: Bus) -> str:
@@ -77,5 +84,56 @@ def cmd_create(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
+
+    return run_trio(main)
+
+
+class TokenNotFound(ConfigError):
+    pass
+
+
+def _state(record: tokens.TokenRecord, now: float) -> str:
+    if record.revoked:
+        return "revoked"
+    if now >= record.expires_at:
+        return "expired"
+    if record.uses >= record.max_uses:
+        return "used"
+    return "valid"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        async with connect(args.nats, name="mesh-token", connect_timeout=3.0) as bus:
+            store = KvTokenStore(await open_kv(bus, subjects.KV_TOKENS))
+            records = []
+            for token_id in sorted(await store.kv.keys()):
+                got = await store.get(token_id)
+                if got is not None:
+                    records.append(got[0])
+        now = datetime.now(UTC).timestamp()
+        print(f"{'ID':<17} {'IDENTITY':<50} {'USES':<6} {'EXPIRES (UTC)':<20} STATE")
+        for r in sorted(records, key=lambda r: r.created_at):
+            expires = r.expires().strftime("%Y-%m-%d %H:%M:%S")
+            uses = f"{r.uses}/{r.max_uses}"
+            print(f"{r.token_id:<17} {r.identity.uri:<50} {uses:<6} {expires:<20} {_state(r, now)}")
+        return 0
+
+    return run_trio(main)
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    async def main() -> int:
+        async with connect(args.nats, name="mesh-token", connect_timeout=3.0) as bus:
+            store = KvTokenStore(await open_kv(bus, subjects.KV_TOKENS))
+            for _ in range(8):  # CAS: a CA may be redeeming it right now
+                got = await store.get(args.token_id)
+                if got is None:
+                    raise TokenNotFound(f"no join token with id {args.token_id!r}")
+                record, revision = got
+                if await store.put(tokens.revoke_token(record), revision=revision):
+                    print(f"join token {record.token_id} for {record.identity} revoked")
+                    return 0
+            raise MeshError(f"join token {args.token_id} kept changing; try again")
 
     return run_trio(main)

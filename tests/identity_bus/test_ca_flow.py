@@ -12,17 +12,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tls_helpers import mtls_exchange
 
 from actors.ca import CaActor
-from actors.ca_config import CaConfig
+from actors.ca_config import CaConfig, KvTokenStore
 from actors.runtime import ActorContext
 from bus import subjects
 from bus.client import connect
+from bus.kv import open_kv
 from bus.server import NatsServer
 from mesh import pki, pki_ca
 from mesh.cli.token_cmd import create_token
 from mesh.concurrency import unwrap_single
 from mesh.messages import CsrReply, CsrRequest
-from mesh.pki_errors import TokenReplayed, TokenUnknown, TokenWrongIdentity
+from mesh.pki_errors import TokenReplayed, TokenRevoked, TokenUnknown, TokenWrongIdentity
 from mesh.spiffe import SpiffeId
+from mesh.tokens import revoke_token
 from sidecar.identity import IdentityAgent
 
 CHECKOUT = SpiffeId(TD, "shop", "checkout")
@@ -156,3 +158,14 @@ async def test_renewal_retries_with_backoff_while_the_ca_is_down(
         assert second_ca.ca is not None and first_ca.ca is None
         pki.verify_svid(agent.svid.issued.chain, second_ca.ca.bundle, expected=CHECKOUT)
         nursery.cancel_scope.cancel()
+
+
+async def test_revoked_token_is_refused(mesh: Mesh) -> None:
+    token = await mesh.token("shop", "checkout")
+    store = KvTokenStore(await open_kv(mesh.bus, subjects.KV_TOKENS))
+    token_id = token.split(".")[1]
+    got = await store.get(token_id)
+    assert got is not None
+    assert await store.put(revoke_token(got[0]), revision=got[1])
+    with pytest.raises(TokenRevoked, match=f"join token {token_id} was revoked"):
+        await first_certificate(IdentityAgent(CHECKOUT, token=token), mesh)

@@ -161,3 +161,32 @@ async def test_cli_errors_are_one_line(nats_server: NatsServer) -> None:
     )
     err = result.stderr.decode()
     assert result.returncode == 1 and "'1w' is not a duration" in err and "Traceback" not in err
+
+
+async def test_token_list_and_revoke(nats_server: NatsServer) -> None:
+    url = nats_server.url
+    made = await mesh_cli(
+        "token",
+        "create",
+        "-n",
+        "shop",
+        "-s",
+        "cart",
+        "--trust-domain",
+        TD,
+        "--uses",
+        "2",
+        "--nats",
+        url,
+    )
+    assert made.returncode == 0, made.stderr
+    token_id = made.stdout.decode().split(".")[1]
+    listed = (await mesh_cli("token", "list", "--nats", url)).stdout.decode()
+    assert token_id in listed and f"spiffe://{TD}/ns/shop/sa/cart" in listed
+    assert "0/2" in listed and "valid" in listed
+    assert made.stdout.decode().split(".")[2].strip() not in listed  # never the secret
+    revoked = await mesh_cli("token", "revoke", token_id, "--nats", url)
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout.decode()
+    assert "revoked" in (await mesh_cli("token", "list", "--nats", url)).stdout.decode()
+    missing = await mesh_cli("token", "revoke", "0123456789abcdef", "--nats", url)
+    assert missing.returncode == 1 and "no join token with id" in missing.stderr.decode()

@@ -13,6 +13,8 @@ requests, body streaming), so cancellation and fairness still hold.
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -73,3 +75,33 @@ class FastSocket:
                 sent += os.write(self.fd, view[sent:])
             except BlockingIOError:
                 continue
+
+
+def io_for(stream: trio.abc.Stream) -> ByteIO:
+    """The fast path for plain sockets; any other stream (TLS) through its own API."""
+    return FastSocket(stream) if isinstance(stream, trio.SocketStream) else stream
+
+
+def wait_recv_for(io: ByteIO) -> Callable[[int], Awaitable[bytes | bytearray]]:
+    """The read to use where data is rarely ready at once."""
+    return io.receive_after_wait if isinstance(io, FastSocket) else io.receive_some
+
+
+def socket_stream(stream: trio.abc.Stream) -> trio.SocketStream | None:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    return stream if isinstance(stream, trio.SocketStream) else None
+
+
+def close_now(stream: trio.abc.Stream) -> None:
+    """Close without a checkpoint, so it also works inside a cancelled scope. (A TLS
+    stream is dropped without close_notify: fine for a proxy closing on error or EOF.)"""
+    sock = socket_stream(stream)
+    if sock is not None:
+        sock.socket.close()
+
+
+def set_nodelay(stream: trio.abc.Stream) -> None:
+    sock = socket_stream(stream)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)

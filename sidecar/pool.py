@@ -11,15 +11,13 @@ TLS seam: give `ssl_context` and every new connection is wrapped in trio.SSLStre
 from __future__ import annotations
 
 import select
-import socket
 import ssl
-from collections.abc import Awaitable, Callable
 
 import trio
 
 from mesh.snapshot import Endpoint
 from sidecar.cluster import BreakerState, ClusterState
-from sidecar.fastio import ByteIO, FastSocket
+from sidecar.fastio import close_now, io_for, set_nodelay, socket_stream, wait_recv_for
 from sidecar.http.codec import ResponseReader
 
 
@@ -39,11 +37,9 @@ class UpstreamConn:
                  breaker: BreakerState) -> None:
         self.stream = stream
         # Plain sockets take the fast path; a TLS stream is used through its own API.
-        self.io: ByteIO = FastSocket(stream) if isinstance(stream, trio.SocketStream) else stream
+        self.io = io_for(stream)
         # The first read after sending a request: waiting first saves a failed syscall.
-        self.wait_recv: Callable[[int], Awaitable[bytes | bytearray]] = (
-            self.io.receive_after_wait if isinstance(self.io, FastSocket)
-            else self.io.receive_some)
+        self.wait_recv = wait_recv_for(self.io)
         self.endpoint = endpoint
         self.breaker = breaker
         self.reader = ResponseReader()
@@ -51,12 +47,7 @@ class UpstreamConn:
         self.idle_since = 0.0
 
     def close(self) -> None:
-        """Close without a checkpoint, so it works inside a cancelled scope."""
-        s = self.stream
-        if isinstance(s, trio.SocketStream):
-            s.socket.close()
-        elif isinstance(s, trio.SSLStream) and isinstance(s.transport_stream, trio.SocketStream):
-            s.transport_stream.socket.close()
+        close_now(self.stream)
         self.breaker.open_connections -= 1
         if self.breaker.pending:
             self.breaker.released.unpark()
@@ -66,17 +57,11 @@ def _still_open(conn: UpstreamConn) -> bool:
     """An idle keep-alive connection has nothing to read; if it has, it is the upstream's
     close (or junk). One poll syscall, done only for connections idle over a second, which
     are the ones upstreams close."""
-    s = conn.stream
-    sock = s.transport_stream if isinstance(s, trio.SSLStream) else s
-    if not isinstance(sock, trio.SocketStream):
+    sock = socket_stream(conn.stream)
+    if sock is None:
         return True
     readable, _, _ = select.select([sock.socket.fileno()], [], [], 0)
     return not readable
-
-
-def set_nodelay(stream: trio.abc.Stream) -> None:
-    if isinstance(stream, trio.SocketStream):
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
 
 
 class Pool:

@@ -23,7 +23,7 @@ from mesh.snapshot import Endpoint, Fault
 from sidecar import flags as F
 from sidecar.budget import backoff_delay
 from sidecar.cluster import ClusterState
-from sidecar.fastio import FastSocket
+from sidecar.fastio import close_now, io_for, set_nodelay, wait_recv_for
 from sidecar.fault import decide
 from sidecar.http.codec import (
     BODY,
@@ -43,7 +43,7 @@ from sidecar.http.codec import (
     request_head_bytes,
     response_head_bytes,
 )
-from sidecar.pool import ConnectFailed, Overflow, Pool, UpstreamConn, set_nodelay
+from sidecar.pool import ConnectFailed, Overflow, Pool, UpstreamConn
 from sidecar.route import CompiledRoute
 from sidecar.runtime import Runtime
 from sidecar.splice import splice
@@ -79,12 +79,13 @@ class _Failure:
 
 class _Downstream:
     __slots__ = ("delayed", "idle_deadline", "io", "phase", "reader", "responded", "scope",
-                 "stream")
+                 "stream", "wait_recv")
 
-    def __init__(self, stream: trio.SocketStream, reader: RequestReader,
+    def __init__(self, stream: trio.abc.Stream, reader: RequestReader,
                  scope: trio.CancelScope) -> None:
         self.stream = stream
-        self.io = FastSocket(stream)
+        self.io = io_for(stream)
+        self.wait_recv = wait_recv_for(self.io)
         self.reader = reader
         self.scope = scope
         self.phase = IDLE
@@ -114,7 +115,7 @@ class HttpProxy:
         self.service_name = service
         self._rng = rng
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, stream: trio.abc.Stream) -> None:
         """Connection handler for trio.serve_listeners: never raises."""
         self.stats.downstream_connections += 1
         limits = self._runtime().limits
@@ -144,7 +145,7 @@ class HttpProxy:
             # A bug must cost one connection, never the sidecar.
             log.exception("%s: unexpected error on a connection", self.listener)
         finally:
-            stream.socket.close()
+            close_now(stream)
 
     async def _reply_error(self, c: _Downstream, status: int, flag: str, reason: str) -> None:
         if c.responded:
@@ -184,7 +185,7 @@ class HttpProxy:
                 c.idle_deadline = trio.current_time() + rt.limits.idle_timeout
                 if c.scope.deadline > c.idle_deadline:
                     c.scope.deadline = c.idle_deadline
-                data = await c.io.receive_after_wait(RECV)
+                data = await c.wait_recv(RECV)
                 if not data:
                     return
                 c.phase = HEADER

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,12 @@ def check_snapshot(snapshot: Snapshot, opts: SidecarOptions) -> None:
 
 
 class Sidecar:
-    def __init__(self, opts: SidecarOptions, snapshot: Snapshot) -> None:
+    def __init__(self, opts: SidecarOptions, snapshot: Snapshot,
+                 inbound_ssl: ssl.SSLContext | None = None,
+                 upstream_ssl: ssl.SSLContext | None = None) -> None:
+        """TLS seam for the identity issue: `inbound_ssl` (a server context) wraps the
+        inbound listener, `upstream_ssl` (a client context) every outbound connection.
+        The local app is always spoken to in plaintext."""
         check_snapshot(snapshot, opts)
         self.opts = opts
         self.stats = Stats()
@@ -52,7 +58,9 @@ class Sidecar:
         self._runtime = Runtime(snapshot, opts.app_port, self._rng, time.monotonic)
         self.stats.snapshot_version = snapshot.version
         self.stats.reloads_ok = 1
-        self.pool = Pool()
+        self.inbound_ssl = inbound_ssl
+        self.pool = Pool(ssl_context=upstream_ssl)  # to other sidecars
+        self.app_pool = Pool()  # to the local app
         self.ports: dict[str, Any] = {}
         self.ready = False
         self.loaded_at = time.time()
@@ -126,7 +134,8 @@ class Sidecar:
                   ) -> None:
         o = self.opts
         outbound = HttpProxy("outbound", self.runtime, self.pool, self.stats, o.service, self._rng)
-        inbound = HttpProxy("inbound", self.runtime, self.pool, self.stats, o.service, self._rng)
+        inbound = HttpProxy("inbound", self.runtime, self.app_pool, self.stats, o.service,
+                            self._rng)
         admin = AdminServer(self.stats, self.config_dump, lambda: self.ready)
         try:
             async with trio.open_nursery() as nursery:
@@ -136,7 +145,9 @@ class Sidecar:
                     ("inbound", o.inbound_port, o.inbound_host, inbound.handle),
                     ("admin", o.admin_port, "127.0.0.1", admin.handle),
                 ):
-                    ports[name] = await self._listen(nursery, name, host, port, handler)
+                    ssl_context = self.inbound_ssl if name == "inbound" else None
+                    ports[name] = await self._listen(nursery, name, host, port, handler,
+                                                     ssl_context)
                 tcp_ports: dict[str, int] = {}
                 for t in self._runtime.snapshot.tcp:
                     listener = TcpListener(t, self.runtime)
@@ -149,15 +160,20 @@ class Sidecar:
                 task_status.started(ports)
         finally:
             self.pool.close_all()
+            self.app_pool.close_all()
 
     async def _listen(self, nursery: trio.Nursery, name: str, host: str, port: int,
-                      handler: Any) -> int:
+                      handler: Any, ssl_context: ssl.SSLContext | None = None) -> int:
         try:
             listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
         except OSError as exc:
             raise ConfigError(f"{name} listener: cannot bind {host}:{port}: {exc.strerror}"
                               ) from None
-        nursery.start_soon(trio.serve_listeners, handler, listeners)
         sock = listeners[0].socket
+        served: list[trio.abc.Listener[Any]] = list(listeners)
+        if ssl_context is not None:
+            served = [trio.SSLListener(x, ssl_context, https_compatible=True)
+                      for x in listeners]
+        nursery.start_soon(trio.serve_listeners, handler, served)
         bound: int = sock.getsockname()[1]
         return bound

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import trio
 
 from mesh.snapshot import TcpProxy
-from sidecar.pool import set_nodelay
+from sidecar.fastio import set_nodelay
 from sidecar.runtime import Runtime
 from sidecar.splice import splice
 

@@ -186,11 +186,11 @@ class RequestReader(_Reader):
                 raise self._error
         self.events.append((BODY, body))
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self.events.append((UPGRADE, data[exc.args[0]:]))
+            self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
             return
         except httptools.HttpParserError as exc:
             if self._error is not None:
@@ -257,11 +257,11 @@ class ResponseReader(_Reader):
             return  # END already queued at headers complete
         self.events.append((END, None))
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self.events.append((UPGRADE, data[exc.args[0]:]))
+            self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
             return
         except httptools.HttpParserError as exc:
             if self._error is not None:

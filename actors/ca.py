@@ -133,7 +133,7 @@ class CaActor:
                 self.ca.trust_domain,
                 pki.fingerprint(signing_root(self.ca))[:16],
             )
-            state = _LeaderState(self, ctx, config, kv_ca, store, revision)
+            state = _LeaderState(self, ctx, config, kv_ca, store, revision, term)
             await state.announce(store_kv=True)
             async with trio.open_nursery() as nursery:
                 await nursery.start(state.serve_csrs)
@@ -196,8 +196,10 @@ class _LeaderState:
         kv: KV,
         store: KvTokenStore,
         revision: int,
+        term: LeaseTerm,
     ) -> None:
         self.actor = actor
+        self.term = term
         self.ctx = ctx
         self.bus: Bus = ctx.bus
         self.config = config
@@ -248,6 +250,10 @@ class _LeaderState:
         async for delivery in sub:
             body = delivery.body
             if not (isinstance(body, CsrRequest) and delivery.reply):
+                continue
+            if not self.term.valid():
+                # Paused past our lease (another replica may lead now): stay silent, the
+                # agent times out and retries, reaching the current leader.
                 continue
             try:
                 reply = await self.handle_csr(body)
@@ -303,7 +309,7 @@ class _LeaderState:
         async with self.bus.subscribe(subjects.CA_COMMAND, queue=subjects.CA_QUEUE) as sub:
             task_status.started()
             async for delivery in sub:
-                if not isinstance(delivery.body, CaCommand):
+                if not isinstance(delivery.body, CaCommand) or not self.term.valid():
                     continue
                 try:
                     async with self._changing:

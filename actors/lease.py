@@ -71,6 +71,13 @@ class LeaseTerm:
     holder: str
     revision: int
     acquired_at: float  # trio.current_time()
+    confirmed_until: float = 0.0  # leadership is certain until then (trio time)
+
+    def valid(self) -> bool:
+        """True while no standby can have taken over. Check before a side effect that must
+        not happen twice: after a pause (SIGSTOP, a long GC) work may run for a moment before
+        the heartbeat notices the loss."""
+        return trio.current_time() < self.confirmed_until
 
 
 async def open_leases(bus: Bus, *, replicas: int = 1) -> KV:
@@ -146,7 +153,8 @@ class Lease:
 
     def _won(self, revision: int, why: str) -> LeaseTerm:
         log.info("lease %s: %s is leader (%s)", self.name, self.holder, why)
-        self.term = LeaseTerm(self.name, self.holder, revision, trio.current_time())
+        now = trio.current_time()
+        self.term = LeaseTerm(self.name, self.holder, revision, now, now + _STEP_DOWN * self.ttl)
         return self.term
 
     async def _heartbeat(self, term: LeaseTerm) -> None:
@@ -168,6 +176,7 @@ class Lease:
                             self.name, self._value(), term.revision
                         )
                         last_ok = started
+                        term.confirmed_until = started + _STEP_DOWN * self.ttl
                         break
                     except KVConflict:
                         raise LeaseLost(

@@ -17,7 +17,10 @@ async def main(url: str, name: str, holder: str, ttl: float) -> None:
 
         async def lead(term: LeaseTerm) -> None:
             print(json.dumps({"event": "ready", "holder": holder}), flush=True)
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                print(json.dumps({"event": "stopped", "valid": term.valid()}), flush=True)
 
         await lease.run_as_leader(lead)
 

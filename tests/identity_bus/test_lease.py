@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -112,4 +113,44 @@ async def test_standby_takes_over_from_a_killed_holder(nats_server: NatsServer) 
                 took = trio.current_time() - killed_at
             assert 0.8 < took < 3.5, took
     finally:
+        await terminate(proc)
+
+
+async def test_paused_leader_steps_down_when_it_resumes(nats_server: NatsServer) -> None:
+    """SIGSTOP the holder (a partition or a long pause): the standby takes over; on SIGCONT
+    the old holder's work is cancelled and it does not take the lease back."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, str(HERE / "lease_holder.py"), nats_server.url, "ca", "paused", "1.0"],
+        stdout=subprocess.PIPE,
+        **child_kwargs(),
+    )
+    assert proc.stdout is not None
+    out = b""
+
+    async def read_until(marker: bytes, count: int = 1) -> None:
+        nonlocal out
+        assert proc.stdout is not None
+        while out.count(marker) < count:
+            chunk = await proc.stdout.receive_some(4096)
+            assert chunk, f"holder exited: {out!r}"
+            out += chunk
+
+    try:
+        with trio.fail_after(15):
+            await read_until(b'"ready"')
+        async with connect(nats_server.url) as bus:
+            standby = Lease(await open_leases(bus), "ca", "standby", ttl=1.0)
+            proc.send_signal(signal.SIGSTOP)
+            with trio.fail_after(10):
+                async with standby.held():
+                    proc.send_signal(signal.SIGCONT)
+                    await read_until(b'"stopped"')
+                    assert b'"valid": false' in out
+                    # It competes again but cannot win while the standby heartbeats.
+                    with trio.move_on_after(2.0):
+                        await read_until(b'"ready"', count=2)
+                    assert out.count(b'"ready"') == 1
+                    assert await standby.current_holder() == "standby"
+    finally:
+        proc.send_signal(signal.SIGCONT)
         await terminate(proc)

@@ -89,6 +89,12 @@ class Sidecar:
             log.error("snapshot refused, keeping version %s: %s",
                       self._runtime.snapshot.version, exc)
             return False
+        except Exception:
+            # A parser bug must cost one reload, never the running sidecar.
+            self.stats.reloads_failed += 1
+            log.exception("snapshot refused (internal error), keeping version %s",
+                          self._runtime.snapshot.version)
+            return False
         return self.apply_snapshot(snapshot) is None
 
     def apply_snapshot(self, snapshot: Snapshot) -> str | None:

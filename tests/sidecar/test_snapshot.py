@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mesh.errors import ConfigError
 from mesh.snapshot import Snapshot, load_snapshot
@@ -118,3 +120,43 @@ def test_snapshot_is_immutable() -> None:
     snap = Snapshot.from_dict(_base())
     with pytest.raises(AttributeError):
         snap.version = "8"  # type: ignore[misc]
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=True)
+    | st.text(max_size=8) | st.sampled_from(["v1", "reviews", "127.0.0.1:80", "hash", "("]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["version", "services", "clusters", "routes", "name", "split", "match",
+                         "subsets", "headers", "path", "retries", "on", "fault", "abort",
+                         "percent", "status", "lb", "tcp", "inbound", "faults", "limits",
+                         "exact", "regex", "port", "cluster", "subset", "timeout"])
+        | st.text(max_size=5), inner, max_size=5),
+    max_leaves=30)
+
+
+@settings(max_examples=500, deadline=None)
+@given(JSONISH)
+def test_any_input_gives_a_snapshot_or_a_config_error(data: Any) -> None:
+    try:
+        Snapshot.from_dict(data)
+    except ConfigError as exc:
+        assert str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_valid_snapshots_give_a_snapshot_or_a_config_error(data: st.DataObject) -> None:
+    doc = _base()
+    for _ in range(data.draw(st.integers(1, 4))):
+        node: Any = doc
+        while isinstance(node, dict | list) and node:
+            keys = list(node.keys()) if isinstance(node, dict) else list(range(len(node)))
+            key = data.draw(st.sampled_from(keys))
+            if data.draw(st.booleans()) or not isinstance(node[key], dict | list):
+                node[key] = data.draw(JSONISH)
+                break
+            node = node[key]
+    try:
+        Snapshot.from_dict(doc)
+    except ConfigError as exc:
+        assert str(exc)

@@ -7,8 +7,9 @@ a busy port falls back to an ephemeral one, logged) serves:
 - ``/graph.json`` the current graph (so the page draws before the socket opens);
 - ``/ws``         a WebSocket (trio-websocket) pushing the graph every second.
 
-The graph comes from ``mesh.graph.query`` (any aggregator replica answers), polled
-once per second by one task whatever the number of viewers.
+The graph comes from `query_graph` (every aggregator replica answers on
+``mesh.graph.scatter``; the one merging longest wins), polled once per second by
+one task whatever the number of viewers.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import trio_websocket
 
 from actors.httpserve import ReplayStream, Request, Response, bind, bound_port, serve
 from actors.runtime import ActorContext
-from bus import subjects
+from actors.telemetry import query_graph
 from mesh.errors import MeshError
-from mesh.messages import GraphQuery, GraphReply
 
 log = logging.getLogger("mesh.actors.dashboard")
 
@@ -76,9 +76,7 @@ class DashboardActor:
     async def _poll(self, ctx: ActorContext) -> None:
         while True:
             try:
-                reply = await ctx.bus.request(
-                    subjects.GRAPH_QUERY, GraphQuery(window=self.window), GraphReply, timeout=2.0
-                )
+                reply = await query_graph(ctx.bus, self.window, timeout=2.0)
             except MeshError as exc:  # no aggregator yet, or a slow one: keep the last graph
                 log.debug("dashboard: graph query failed: %s", exc)
             else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,8 +31,9 @@ from prometheus_client.registry import Collector
 from actors.httpserve import Request, Response, bind, bound_port, serve
 from actors.runtime import ActorContext
 from bus import subjects
+from bus.client import Bus
 from bus.subscription import Overflow
-from mesh.errors import MeshError
+from mesh.errors import BusError, MeshError
 from mesh.messages import (
     GoldenSummary,
     GraphQuery,
@@ -47,6 +49,7 @@ from mesh.telemetry import parse_batch
 log = logging.getLogger("mesh.actors.telemetry")
 
 DEFAULT_METRICS_PORT = 9464
+_REPLIES = subjects.graph_replies("x")[: -len("x")]
 MAX_TRACES = 10_000
 MAX_SPANS_PER_TRACE = 256
 
@@ -160,6 +163,7 @@ class TelemetryActor:
         self.host = host
         self.publish_interval = publish_interval
         self.metrics_port = 0
+        self.started = 0.0
         self.state = GraphState()
         self.spans = SpanStore()
         self.registry = CollectorRegistry()
@@ -176,7 +180,9 @@ class TelemetryActor:
     async def run(
         self, ctx: ActorContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        # A restarted actor starts from an empty graph (the windows refill within 5 min).
+        # A restarted actor starts from an empty graph (the windows refill within 5 min);
+        # its replies say how long it has been merging (covered_s) so clients prefer older ones.
+        self.started = trio.current_time()
         self.state = GraphState()
         self.registry = CollectorRegistry()
         self.registry.register(MeshCollector(self.state))
@@ -213,6 +219,7 @@ class TelemetryActor:
     async def _queries(self, ctx: ActorContext, *, task_status: trio.TaskStatus[None]) -> None:
         async with (
             ctx.bus.subscribe(subjects.GRAPH_QUERY, queue=subjects.TELEMETRY_QUEUE) as graph_q,
+            ctx.bus.subscribe(subjects.GRAPH_SCATTER) as scatter_q,
             ctx.bus.subscribe(subjects.TRACE_QUERY, queue=subjects.TELEMETRY_QUEUE) as trace_q,
             trio.open_nursery() as nursery,
         ):
@@ -223,7 +230,19 @@ class TelemetryActor:
                         spans = self.spans.get(d.body.trace_id)
                         ctx.bus.reply(d, TraceReply(trace_id=d.body.trace_id, spans=spans))
 
+            async def scatter() -> None:
+                async for d in scatter_q:
+                    q = d.body
+                    if isinstance(q, GraphQuery) and q.reply_to.startswith(_REPLIES):
+                        try:
+                            ctx.bus.publish_nowait(
+                                q.reply_to, self.graph_reply(ctx.replica, q.window)
+                            )
+                        except MeshError as exc:
+                            log.debug("graph reply to %s not sent: %s", q.reply_to, exc)
+
             nursery.start_soon(traces)
+            nursery.start_soon(scatter)
             task_status.started()
             async for d in graph_q:
                 if isinstance(d.body, GraphQuery):
@@ -240,6 +259,7 @@ class TelemetryActor:
             nodes=nodes,
             edges=edges,
             ingest={**self.state.stats.to_dict(), "metrics_port": self.metrics_port},
+            covered_s=round(trio.current_time() - self.started, 3),
         )
 
     async def _publish_golden(self, ctx: ActorContext) -> None:
@@ -268,3 +288,27 @@ class TelemetryActor:
         if req.path == "/healthz":
             return Response(200, "text/plain", b"ok\n")
         return Response(404, "text/plain", b"not found: try /metrics\n")
+
+
+async def query_graph(
+    bus: Bus, window: str, *, timeout: float = 2.0, settle: float = 0.25
+) -> GraphReply:
+    """Ask every aggregator replica (mesh.graph.scatter) and keep the answer of the one
+    that has merged batches the longest: a replica that just (re)started has partial
+    windows. Waits `settle` seconds after the first answer for the others."""
+    subject = subjects.graph_replies(secrets.token_hex(8))
+    replies: list[GraphReply] = []
+    async with bus.subscribe(subject) as sub:
+        bus.publish_nowait(subjects.GRAPH_SCATTER, GraphQuery(window=window, reply_to=subject))
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline) as scope:
+            async for d in sub:
+                if isinstance(d.body, GraphReply):
+                    replies.append(d.body)
+                    scope.deadline = min(deadline, trio.current_time() + settle)
+    if not replies:
+        raise BusError(
+            f"no telemetry aggregator answered on {subjects.GRAPH_SCATTER} within {timeout:g} s: "
+            "is the control plane running (`mesh up`)?"
+        )
+    return max(replies, key=lambda r: (r.covered_s, r.replica))

@@ -62,6 +62,9 @@ TELEMETRY_ALL = f"{PREFIX}.telemetry.>"
 GOLDEN_ALL = f"{PREFIX}.golden.>"
 # request/reply, answered by one aggregator replica: GraphQuery -> GraphReply.
 GRAPH_QUERY = f"{PREFIX}.graph.query"
+# Every aggregator replica answers GraphQuery here, to its reply_to (graph_replies(nonce)),
+# so a client can pick the replica that has merged batches the longest.
+GRAPH_SCATTER = f"{PREFIX}.graph.scatter"
 TELEMETRY_QUEUE = "telemetry"
 # Finished spans: mesh.spans.<service> (SpanRecord); request/reply TraceQuery -> TraceReply.
 SPANS_ALL = f"{PREFIX}.spans.>"
@@ -72,6 +75,10 @@ ACCESSLOG_ALL = f"{PREFIX}.accesslog.>"
 
 def telemetry(namespace: str, service: str, instance: str) -> str:
     return f"{PREFIX}.telemetry.{token(namespace)}.{token(service)}.{token(instance)}"
+
+
+def graph_replies(nonce: str) -> str:
+    return f"{PREFIX}.graph.replies.{token(nonce)}"
 
 
 def golden(src: str, dst: str) -> str:

@@ -337,10 +337,12 @@ class GoldenSummary(Message):
 @message
 @dataclasses.dataclass(frozen=True, slots=True)
 class GraphQuery(Message):
-    """Ask one aggregator replica for the service graph over a window."""
+    """Ask for the service graph over a window: on mesh.graph.query one replica answers
+    (request/reply); on mesh.graph.scatter every replica answers to `reply_to`."""
 
     TYPE: ClassVar[str] = "telemetry.graph-query"
     window: str = "10s"
+    reply_to: str = ""
 
 
 @message
@@ -353,6 +355,7 @@ class GraphReply(Message):
     nodes: list[str]
     edges: list[Any]
     ingest: dict[str, Any] = dataclasses.field(default_factory=dict)
+    covered_s: float = 0.0  # seconds this replica has been merging batches
 
 
 @message

@@ -9,12 +9,10 @@ from typing import Any
 
 import trio
 
-from bus import subjects
-from bus.client import Bus, connect
-from bus.errors import BusTimeout, NoResponders
+from actors.telemetry import query_graph
+from bus.client import connect
 from mesh.cli.common import add_nats_flag, run_trio
-from mesh.errors import BusError
-from mesh.messages import GraphQuery, GraphReply
+from mesh.messages import GraphReply
 from mesh.stats_window import WINDOWS
 
 COLUMNS = ("SRC", "DST", "RPS", "SUCCESS", "REQUESTS", "P50", "P90", "P99")
@@ -58,7 +56,9 @@ def render(reply: GraphReply) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if not reply.edges:
         lines.append(f"(no traffic in the last {reply.window})")
-    lines.append(f"window {reply.window}, from aggregator {reply.replica}")
+    lines.append(
+        f"window {reply.window}, from aggregator {reply.replica} (merging for {reply.covered_s:.0f} s)"
+    )
     return "\n".join(lines)
 
 
@@ -71,27 +71,16 @@ def as_json(reply: GraphReply) -> str:
             "nodes": reply.nodes,
             "edges": reply.edges,
             "ingest": reply.ingest,
+            "covered_s": reply.covered_s,
         }
     )
-
-
-async def fetch(bus: Bus, window: str, timeout: float) -> GraphReply:
-    try:
-        return await bus.request(
-            subjects.GRAPH_QUERY, GraphQuery(window=window), GraphReply, timeout=timeout
-        )
-    except (NoResponders, BusTimeout):
-        raise BusError(
-            "no telemetry aggregator answered on "
-            f"{subjects.GRAPH_QUERY}: is the control plane running (`mesh up`)?"
-        ) from None
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with connect(args.nats, name="mesh-top", connect_timeout=3.0) as bus:
             while True:
-                reply = await fetch(bus, args.window, args.timeout)
+                reply = await query_graph(bus, args.window, timeout=args.timeout)
                 if args.json:
                     print(as_json(reply), flush=True)
                 elif args.once:

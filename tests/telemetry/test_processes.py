@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -152,3 +153,63 @@ async def test_top_without_a_control_plane_is_a_one_line_error(nats_server: Nats
     assert out.returncode == 1
     err = out.stderr.decode()
     assert "no telemetry aggregator answered" in err and "Traceback" not in err
+
+
+async def test_mesh_top_survives_a_replica_failover_without_double_counting(
+    tmp_path: Path,
+) -> None:
+    """Two `mesh up` replicas; one is SIGKILLed and restarted by `mesh up` with an empty
+    graph: `mesh top` keeps answering with the survivor's complete counts, each batch once."""
+    recorders = {s: Recorder("default", s, f"{s}-1") for s in ("frontend", "backend")}
+    async with process(
+        [
+            *MESH,
+            "up",
+            "--nats-port",
+            "0",
+            "--replicas",
+            "2",
+            "--state-dir",
+            str(tmp_path / "st"),
+            "--ready-line",
+        ],
+        env={"MESH_METRICS_PORT": "0", "MESH_DASHBOARD_PORT": "0"},
+    ) as up:
+        info = await read_json_line(up, "event", timeout=40)
+        url = info["nats"][0]
+        async with connect(url, name="sidecars") as bus, trio.open_nursery() as nursery:
+            for r in recorders.values():
+                await nursery.start(TelemetryPublisher(r, bus, interval=0.1).run)
+
+            async def top_until(scale: int) -> dict[str, Any]:
+                with trio.fail_after(20):
+                    while True:
+                        out = await mesh("top", "--nats", url, "--once", "--json", "--window", "5m")
+                        assert out.returncode == 0, out.stderr.decode()
+                        snap: dict[str, Any] = json.loads(out.stdout)
+                        edges = {(e["src"], e["dst"]): e for e in snap["edges"]}
+                        if all(
+                            edges.get((s, d), {}).get("requests") == n * scale
+                            for s, d, _, n, _ in CHAIN
+                        ):
+                            return snap
+                        await trio.sleep(0.1)
+
+            simulate(recorders)
+            await top_until(1)
+            os.kill(info["replicas"]["cp-1"], signal.SIGKILL)
+            simulate(recorders)
+            snap = await top_until(2)
+            assert snap["replica"] == "cp-2" and snap["ingest"]["duplicates"] == 0
+            # cp-1 comes back (mesh up restarts it) with only what it saw since: still cp-2.
+            with trio.fail_after(20):
+                while True:
+                    out = await mesh("ping", "--nats", url, "--json", "-c", "4")
+                    replicas = {json.loads(line)["replica"] for line in out.stdout.splitlines()}
+                    if replicas == {"cp-1", "cp-2"}:
+                        break
+            simulate(recorders)
+            for _ in range(3):
+                snap = await top_until(3)
+                assert snap["replica"] == "cp-2"
+            nursery.cancel_scope.cancel()

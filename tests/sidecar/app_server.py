@@ -12,6 +12,7 @@ Paths:
   /close/<n>         n bytes, no length, closes the connection to end the body
   /garbage           not HTTP
   /truncate          promises 1000 bytes, sends 10 and closes
+  /close-after       a normal keep-alive response, then the connection is closed
   /echo-upgrade      101 Switching Protocols, then echoes bytes until EOF
   /204, /304         no body
 --fail makes every request answer 500.
@@ -113,6 +114,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("connection", "close")
             self.end_headers()
             self.wfile.write(b"z" * n)
+            self.close_connection = True
+            return None
+        if path == "/close-after":
+            # Keep-alive by its headers, then closes anyway: a pooled connection goes stale.
+            self._json(200)
             self.close_connection = True
             return None
         if path == "/garbage":

@@ -13,8 +13,10 @@ source (peer identity or service), request_id, trace_id, rx_bytes, tx_bytes.
 from __future__ import annotations
 
 import json
+import json.encoder
 import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -45,14 +47,21 @@ FIELDS = (
     "tx_bytes",
 )
 MAX_BUFFERED = 100_000
+# JSON string quoting (C-accelerated in CPython), used instead of json.dumps for speed.
+_s: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+_second_cache: list[Any] = [None, ""]
 
 
 def rfc3339(unix_s: float) -> str:
-    return (
-        datetime.fromtimestamp(unix_s, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    """RFC 3339 UTC with milliseconds; the formatted second is cached (one strftime a second)."""
+    sec = int(unix_s // 1)
+    if _second_cache[0] != sec:
+        _second_cache[0] = sec
+        _second_cache[1] = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    ms = min(999, int((unix_s - sec) * 1000))  # truncated, like isoformat()
+    return f"{_second_cache[1]}.{ms:03d}Z"
 
 
 def entry(
@@ -92,7 +101,17 @@ def entry(
 
 
 def format_line(record: dict[str, Any]) -> str:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n"
+    """One JSON line; the same text `json.dumps(record, separators=(",", ":"))` gives."""
+    r = record
+    return (
+        f'{{"start_time":"{r["start_time"]}","method":{_s(r["method"])},"path":{_s(r["path"])},'
+        f'"authority":{_s(r["authority"])},"protocol":{_s(r["protocol"])},'
+        f'"status":{int(r["status"])},"response_flags":{_s(r["response_flags"])},'
+        f'"duration_ms":{float(r["duration_ms"])!r},"upstream":{_s(r["upstream"])},'
+        f'"source":{_s(r["source"])},"request_id":{_s(r["request_id"])},'
+        f'"trace_id":{_s(r["trace_id"])},"rx_bytes":{int(r["rx_bytes"])},'
+        f'"tx_bytes":{int(r["tx_bytes"])}}}\n'
+    )
 
 
 class AccessLog:

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from actors.runtime import ActorContext
@@ -18,7 +20,7 @@ from bus.client import connect
 from bus.server import NatsServer
 from mesh.errors import ConfigError
 from mesh.messages import AccessLogEntry
-from sidecar.accesslog import FIELDS, AccessLog
+from sidecar.accesslog import FIELDS, AccessLog, entry, format_line
 from sidecar.tracing import (
     HopTracer,
     SpanShipper,
@@ -244,3 +246,32 @@ async def _take(sub: Any, n: int) -> Any:
         i += 1
         if i >= n:
             return
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.text(max_size=40),
+    st.integers(min_value=0, max_value=999),
+    st.floats(min_value=0, max_value=1e4, allow_nan=False),
+    st.floats(min_value=0, max_value=4e9),
+)
+def test_the_fast_line_formatter_writes_what_json_dumps_would(
+    text: str, status: int, duration: float, start: float
+) -> None:
+    rec = entry(
+        start_time=start,
+        method=text,
+        path=text,
+        authority=text,
+        status=status,
+        response_flags=text,
+        duration=duration,
+        upstream=text,
+        source=text,
+        request_id=text,
+        trace_id=text,
+    )
+    line = format_line(rec)
+    assert line.endswith("\n") and "\n" not in line[:-1]
+    assert json.loads(line) == rec
+    assert json.loads(line) == json.loads(json.dumps(rec))

@@ -16,8 +16,9 @@ from conftest import SECRET
 from bus import subjects
 from bus.client import Bus, connect
 from bus.errors import BusTimeout, NoResponders
-from bus.server import NatsServer
+from bus.server import NatsCluster, NatsServer
 from mesh import pki
+from mesh.cli.token_cmd import create_token
 from mesh.messages import CaCommand, CaCommandReply
 from mesh.processes import child_kwargs, terminate
 from mesh.spiffe import SpiffeId
@@ -40,11 +41,11 @@ async def mesh_cli(*args: str, **extra: str) -> subprocess.CompletedProcess[byte
 
 
 @asynccontextmanager
-async def controlplane(url: str, replica: str) -> AsyncIterator[trio.Process]:
+async def controlplane(url: str, replica: str, **extra: str) -> AsyncIterator[trio.Process]:
     proc = await trio.lowlevel.open_process(
         [*MESH, "controlplane", "--nats", url, "--replica", replica, "--ready-line"],
         stdout=subprocess.PIPE,
-        **child_kwargs(env(MESH_CA_SECRET=SECRET.decode(), MESH_TRUST_DOMAIN=TD)),
+        **child_kwargs(env(MESH_CA_SECRET=SECRET.decode(), MESH_TRUST_DOMAIN=TD, **extra)),
     )
     try:
         assert proc.stdout is not None
@@ -190,3 +191,31 @@ async def test_token_list_and_revoke(nats_server: NatsServer) -> None:
     assert "revoked" in (await mesh_cli("token", "list", "--nats", url)).stdout.decode()
     missing = await mesh_cli("token", "revoke", "0123456789abcdef", "--nats", url)
     assert missing.returncode == 1 and "no join token with id" in missing.stderr.decode()
+
+
+async def test_failover_on_a_three_node_cluster_with_replicated_kv(
+    nats_cluster: NatsCluster,
+) -> None:
+    """The same takeover with the CA, token and lease buckets replicated on 3 NATS nodes, each
+    replica connected to a different node."""
+    urls = nats_cluster.urls
+    async with (
+        controlplane(urls[0], "cp-1", MESH_KV_REPLICAS="3") as cp1,
+        controlplane(urls[1], "cp-2", MESH_KV_REPLICAS="3") as cp2,
+        connect(urls[2]) as bus,
+        trio.open_nursery() as nursery,
+    ):
+        before = await ca_status(bus)
+        leader = cp1 if before.leader == "cp-1" else cp2
+        leader.kill()
+        await leader.wait()
+        ident = SpiffeId(TD, "shop", "checkout")
+        token, _ = await create_token(bus, ident)
+        agent = IdentityAgent(ident, token=token, request_timeout=1.0)
+        await nursery.start(agent.run, bus)
+        with trio.fail_after(20):
+            await agent.wait_ready()
+        after = await ca_status(bus)
+        assert after.leader != before.leader and after.signing_root == before.signing_root
+        assert agent.bundle.fingerprints() == before.roots
+        nursery.cancel_scope.cancel()

@@ -55,7 +55,7 @@ RECV = 65536
 RETRY_BUFFER = 65536  # bodies up to this size are kept so the request can be retried
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
-IDLE, HEADER, UPSTREAM, STREAMING, TUNNEL = range(5)
+IDLE, HEADER, BODY_READ, UPSTREAM, STREAMING, TUNNEL = range(6)
 # The app cannot claim to be another service: outbound replaces what it sent.
 _SOURCE = frozenset({b"x-mesh-source"})
 _NOTHING: frozenset[bytes] = frozenset()
@@ -158,6 +158,8 @@ class HttpProxy:
     async def _on_timeout(self, c: _Downstream) -> None:
         if c.phase == HEADER:
             await self._reply_error(c, 408, F.DOWNSTREAM_TIMEOUT, "request header read timeout")
+        elif c.phase == BODY_READ:
+            await self._reply_error(c, 408, F.DOWNSTREAM_TIMEOUT, "request body read timeout")
         elif c.phase == UPSTREAM:
             flag = F.UPSTREAM_TIMEOUT + ("," + F.FAULT_DELAY if c.delayed else "")
             await self._reply_error(c, 504, flag, "upstream request timeout")
@@ -254,6 +256,11 @@ class HttpProxy:
             body = None  # streamed once; only a failure before sending it is retried
         elif head.content_length:
             parts = []
+            if not events or events[-1][0] != END:
+                # The body did not come with the head: the client gets header_timeout
+                # for it too (and the previous request's deadline must not apply).
+                c.phase = BODY_READ
+                c.scope.deadline = trio.current_time() + rt.limits.header_timeout
             while True:
                 while not events:
                     await c.recv_into_reader()
@@ -325,11 +332,13 @@ class HttpProxy:
         try:
             per_try = route.route.retries.per_try_timeout
             if per_try is None:
-                out = await self._exchange(c, head, head_bytes, body, cluster, ep)
+                out = await self._exchange(c, head, head_bytes, body, cluster, ep,
+                                           route.route.timeout)
             else:
                 out = _Failure(504, F.UPSTREAM_TIMEOUT, f"per-try timeout from {ep}", "timeout")
                 with trio.move_on_after(per_try):
-                    out = await self._exchange(c, head, head_bytes, body, cluster, ep)
+                    out = await self._exchange(c, head, head_bytes, body, cluster, ep,
+                                               route.route.timeout)
         finally:
             health.active -= 1
         if isinstance(out, _Failure):
@@ -345,8 +354,8 @@ class HttpProxy:
         return out
 
     async def _exchange(self, c: _Downstream, head: RequestHead, head_bytes: bytes,
-                        body: bytes | None, cluster: ClusterState,
-                        ep: Endpoint) -> _Failure | tuple[UpstreamConn, ResponseHead]:
+                        body: bytes | None, cluster: ClusterState, ep: Endpoint,
+                        route_timeout: float) -> _Failure | tuple[UpstreamConn, ResponseHead]:
         fresh = False
         while True:
             try:
@@ -363,7 +372,12 @@ class HttpProxy:
                     await conn.io.send_all(head_bytes + body if body else head_bytes)
                 else:
                     await conn.io.send_all(head_bytes)
+                    # A long upload gets stream_timeout; the route timeout then covers
+                    # the wait for the response.
+                    limits = self._runtime().limits
+                    c.scope.deadline = trio.current_time() + limits.stream_timeout
                     await self._stream_request_body(c, conn, head.chunked)
+                    c.scope.deadline = trio.current_time() + route_timeout
                 resp = await self._read_head(c, conn, head)
                 return conn, resp
             except ProtocolError as exc:

@@ -104,6 +104,13 @@ def test_slow_client_header_timeout(side: Sidecar) -> None:
     assert time.monotonic() - t0 < 4  # the 0.5 s limit, not our 5 s read timeout
 
 
+def test_slow_client_body_timeout(side: Sidecar) -> None:
+    reply = raw_exchange(side.inbound, b"POST /count HTTP/1.1\r\nhost: a\r\n"
+                         b"content-length: 10\r\n\r\nhalf.", timeout=5)
+    assert _status(reply) == 408
+    assert _header(reply, b"x-mesh-reason") == b"request body read timeout"
+
+
 def test_upstream_garbage_gets_502(side: Sidecar) -> None:
     status, headers, _ = request(side.inbound, "/garbage")
     assert status == 502

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import trio
@@ -102,6 +103,7 @@ class IdentityAgent:
         self._wake = trio.Event()
         self._renew_deadline = float("inf")
         self.generation = 0
+        self._listeners: list[Callable[[IdentityAgent], None]] = []
         self.renewals = 0
         self.failures = 0
         self.last_error = ""
@@ -168,6 +170,11 @@ class IdentityAgent:
         if self._svid is None:
             return 0.0
         return max(0.0, self._svid.issued.seconds_to_expiry(datetime.now(UTC)))
+
+    def add_change_listener(self, fn: Callable[[IdentityAgent], None]) -> None:
+        """Call ``fn(agent)`` after every context rebuild (renewal, bundle change), e.g. to
+        hand ``agent.client_context()`` to a pool that keeps one context. Must not block."""
+        self._listeners.append(fn)
 
     async def wait_ready(self) -> None:
         await self._ready.wait()
@@ -324,6 +331,11 @@ class IdentityAgent:
             pki.client_context(svid, bundle),
         )
         self.generation += 1
+        for fn in self._listeners:
+            try:
+                fn(self)
+            except Exception as exc:  # a listener's bug must not stop renewals
+                log.error("identity %s: change listener failed: %r", self.identity, exc)
 
     # -- bus listeners ----------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from datetime import timedelta
 
 import pytest
@@ -106,6 +107,8 @@ async def test_short_ttl_agents_renew_repeatedly_and_mtls_keeps_working(
         client = await mesh.agent("shop", "checkout")
         server = await mesh.agent("shop", "inventory")
         inventory = server.identity
+        handed: list[ssl.SSLContext] = []
+        client.add_change_listener(lambda agent: handed.append(agent.client_context()))
         serials = {client.svid.issued.serial, server.svid.issued.serial}
         with trio.fail_after(20):
             while client.renewals < 3 or server.renewals < 3:
@@ -122,6 +125,7 @@ async def test_short_ttl_agents_renew_repeatedly_and_mtls_keeps_working(
                 assert seen == CHECKOUT, seen
                 serials |= {client.svid.issued.serial, server.svid.issued.serial}
         assert len(serials) >= 8
+        assert handed and handed[-1] is client.client_context()
         assert client.failures == 0 and server.failures == 0
 
 

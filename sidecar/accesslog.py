@@ -137,7 +137,9 @@ class AccessLog:
                 self._own = True
         else:
             self.file = target
-        self.subject = subjects.accesslog(service) if bus is not None else ""
+        self.subject = subjects.accesslog(service) if service else ""
+        if bus is not None and not service:
+            raise ConfigError("publishing access-log entries needs the service name")
         self.bus = bus
         self.flush_interval = flush_interval
         self._lines: list[str] = []
@@ -152,7 +154,7 @@ class AccessLog:
             return
         rec = entry(**fields)
         self._lines.append(format_line(rec))
-        if self.bus is not None:
+        if self.bus is not None and self.subject:
             self._entries.append(rec)
 
     def flush(self) -> None:
@@ -166,7 +168,7 @@ class AccessLog:
             except OSError as exc:
                 self.dropped += len(lines)
                 log.warning("access log write failed: %s", exc)
-        if self.bus is not None:
+        if self.bus is not None and self.subject:
             for rec in entries:
                 try:
                     self.bus.publish_nowait(self.subject, AccessLogEntry(entry=rec))

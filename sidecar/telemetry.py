@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -32,8 +32,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from bus import subjects
-from bus.client import Bus
-from mesh.errors import MeshError
+from bus.client import Bus, connect
+from mesh.errors import BusError, MeshError
 from mesh.stats import PairAgg
 from mesh.telemetry import PairKey, build_batch
 from sidecar.accesslog import AccessLog
@@ -139,23 +139,32 @@ class Recorder:
 
 
 class TelemetryPublisher:
-    """Publishes the recorder's interval aggregates on its subject every `interval` s."""
+    """Publishes the recorder's interval aggregates on its subject every `interval` s.
 
-    def __init__(self, recorder: Recorder, bus: Bus, *, interval: float = 1.0) -> None:
+    `bus` may be None (or set to None while NATS is away): the aggregates then keep
+    accumulating and the next batch covers the whole time since the last one.
+    """
+
+    def __init__(self, recorder: Recorder, bus: Bus | None, *, interval: float = 1.0) -> None:
         self.recorder = recorder
         self.bus = bus
         self.interval = interval
         self.seq = 0
+        self._last_cut = time.time()
 
     def publish_once(self) -> int:
         """Publish what was recorded since the last call; returns the batches sent."""
         r = self.recorder
-        pairs = r.take()
-        if not pairs:
+        bus = self.bus
+        if bus is None:
+            return 0  # keep accumulating until there is a bus
+        now = time.time()
+        covered, self._last_cut = now - self._last_cut, now
+        if not r.current:
             return 0
+        pairs = r.take()
         items = list(pairs.items())
         sent = 0
-        now = time.time()
         for start in range(0, len(items), MAX_PAIRS_PER_BATCH):
             self.seq += 1
             batch = build_batch(
@@ -165,11 +174,11 @@ class TelemetryPublisher:
                 epoch=r.epoch,
                 seq=self.seq,
                 ts=now,
-                interval=self.interval,
+                interval=round(covered, 3),
                 pairs=dict(items[start : start + MAX_PAIRS_PER_BATCH]),
             )
             try:
-                self.bus.publish_nowait(r.subject, batch)
+                bus.publish_nowait(r.subject, batch)
             except (MeshError, trio.ClosedResourceError) as exc:  # best effort, unlike requests
                 r.publish_errors += 1
                 log.warning("telemetry batch %d not published: %s", self.seq, exc)
@@ -296,31 +305,50 @@ class SidecarTelemetry:
 
     Wiring (sidecar/server.py and sidecar/proxy.py; docs/telemetry.md):
 
-        tel = SidecarTelemetry(service, instance, TelemetryOptions(...), bus)
+        tel = SidecarTelemetry(service, instance, TelemetryOptions(...), nats=servers)
         tel.register(admin.registry)                # /metrics families
         await nursery.start(tel.run)                # batches, spans, access-log flushes
         # per request, at the edges:
         hop = tel.begin(method_and_path, traceparent, tracestate)
         ...forward with headers traceparent=hop.traceparent (+ tracestate if non-empty)...
         tel.end(hop, src=..., dst=..., dst_version=..., status=..., flags=..., ...)
+
+    The bus is either given (`bus=`, e.g. in tests), attached later (`attach`/`detach`,
+    e.g. by a component that owns the sidecar's NATS connection), or owned: with
+    `nats=` URLs, `run` keeps its own connection, reconnecting after failures. While
+    there is no bus, aggregates accumulate and are sent once there is one.
     """
 
     def __init__(
-        self, service: str, instance: str, opts: TelemetryOptions, bus: Bus | None
+        self,
+        service: str,
+        instance: str,
+        opts: TelemetryOptions,
+        bus: Bus | None = None,
+        *,
+        nats: Sequence[str] | None = None,
     ) -> None:
         self.opts = opts
-        self.bus = bus
+        self.nats = tuple(nats or ())
+        self.service = service
+        self.instance = instance
         self.recorder = Recorder(opts.namespace, service, instance)
         self.tracer = HopTracer(service, sample_ratio=opts.trace_sample_ratio)
-        self.access_log = (
-            AccessLog(
-                opts.access_log,
-                service=service,
-                bus=bus if opts.access_log_publish else None,
-            )
-            if opts.access_log
-            else None
-        )
+        self.publisher = TelemetryPublisher(self.recorder, None, interval=opts.interval)
+        self.shipper = SpanShipper(self.tracer, bus=None, otlp_endpoint=opts.otlp_endpoint)
+        self.access_log = AccessLog(opts.access_log, service=service) if opts.access_log else None
+        self.attach(bus)
+
+    def attach(self, bus: Bus | None) -> None:
+        """Use this bus from now on (None: none, until the next attach)."""
+        self.bus = bus
+        self.publisher.bus = bus
+        self.shipper.bus = bus
+        if self.access_log is not None and self.opts.access_log_publish:
+            self.access_log.bus = bus
+
+    def detach(self) -> None:
+        self.attach(None)
 
     def register(self, registry: CollectorRegistry) -> None:
         registry.register(TelemetryCollector(self.recorder))
@@ -369,15 +397,28 @@ class SidecarTelemetry:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            if self.bus is not None:
-                await nursery.start(
-                    TelemetryPublisher(self.recorder, self.bus, interval=self.opts.interval).run
-                )
-            if self.bus is not None or self.opts.otlp_endpoint:
-                shipper = SpanShipper(
-                    self.tracer, bus=self.bus, otlp_endpoint=self.opts.otlp_endpoint
-                )
-                await nursery.start(shipper.run)
+            await nursery.start(self.publisher.run)
+            await nursery.start(self.shipper.run)
             if self.access_log is not None:
                 await nursery.start(self.access_log.run)
+            if self.nats:
+                nursery.start_soon(self._own_bus)
             task_status.started()
+
+    async def _own_bus(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                async with connect(
+                    self.nats, name=f"telemetry-{self.service}-{self.instance}"
+                ) as bus:
+                    delay = 0.5
+                    self.attach(bus)
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self.detach()
+            except BusError as exc:
+                log.warning("telemetry: NATS unavailable (%s); retrying in %.1f s", exc, delay)
+            await trio.sleep(delay)
+            delay = min(10.0, delay * 2)

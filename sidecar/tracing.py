@@ -290,10 +290,14 @@ class SpanShipper:
         self.published = 0
         self.exported = 0
         self.export_errors = 0
+        self.dropped = 0
 
     async def ship_once(self) -> None:
         spans = self.tracer.collector.take()
         if not spans:
+            return
+        if self.bus is None and self.otlp_url is None:
+            self.dropped += len(spans)  # nowhere to send them (yet)
             return
         if self.bus is not None:
             subject = subjects.spans(self.tracer.service)

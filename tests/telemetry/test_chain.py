@@ -171,3 +171,37 @@ async def test_mesh_tap_prints_live_request_lines(nats_server: NatsServer) -> No
             await proc.wait()
     assert proc.returncode == 0 and len(out) == 2
     assert " frontend -> backend GET /p" in out[0] and " 200 2.0ms " in out[0]
+
+
+async def test_sidecar_telemetry_owns_its_connection_and_keeps_counts_while_away(
+    nats_server: NatsServer,
+) -> None:
+    actor = TelemetryActor(metrics_port=None)
+    tel = SidecarTelemetry(
+        "frontend", "frontend-9", TelemetryOptions(interval=0.1), nats=[nats_server.url]
+    )
+    # Requests before any bus exists are kept, not lost.
+    for status in (200, 200, 500):
+        hop = tel.begin("GET /", None, None)
+        tel.end(
+            hop,
+            src="frontend",
+            dst="backend",
+            dst_version="",
+            status=status,
+            flags="",
+            start_time=1.7e9,
+            duration=0.001,
+            rx_bytes=0,
+            tx_bytes=0,
+        )
+    async with connect(nats_server.url, name="cp") as cp_bus, trio.open_nursery() as nursery:
+        await nursery.start(actor.run, ActorContext(bus=cp_bus, replica="cp-1"))
+        await nursery.start(tel.run)
+        with trio.fail_after(10):
+            while actor.state.totals.get(("frontend", "backend")) is None:
+                await trio.sleep(0.05)
+        agg = actor.state.totals[("frontend", "backend")]
+        assert (agg.requests, agg.errors) == (3, 1)
+        nursery.cancel_scope.cancel()
+    assert tel.bus is None  # detached when its connection closed

@@ -5,8 +5,8 @@ upstream serving 1 KB responses, `mesh sidecar` processes with routing and retri
 and HAProxy (Debian package) as the reference proxy. Load comes from `wrk -t1`.
 
     apt-get install -y wrk haproxy nginx
-    .venv/bin/python bench/dataplane.py            # 5 s per point, ~90 s
-    .venv/bin/python bench/dataplane.py --quick    # 2 s per point
+    .venv/bin/python bench/dataplane.py            # 3 rounds x 3 s per point, ~2.5 min
+    .venv/bin/python bench/dataplane.py --quick    # 1 round x 2 s per point, ~40 s
 
 Reported per setup and concurrency: rps, p50/p90/p99, added p50 latency per hop at
 c=1 versus direct, and proxy CPU (sum of the proxy processes' utime+stime from
@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,12 +188,17 @@ def run_wrk(port: int, conns: int, seconds: float, pids: list[int]) -> Point:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 s per point instead of 5 s")
+    ap.add_argument("--quick", action="store_true",
+                    help="one round of 2 s per point instead of 3 rounds of 3 s")
+    ap.add_argument("--rounds", type=int,
+                    help="rounds; each point is the median over rounds, and rounds visit "
+                         "every setup in turn so that machine noise hits all of them alike")
     ap.add_argument("--seconds", type=float, help="seconds per point")
     ap.add_argument("--conns", default="1,16,64", help="concurrency levels, comma separated")
     ap.add_argument("--only", help="measure only setups whose name contains this (plus direct)")
     args = ap.parse_args()
-    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    seconds = args.seconds or (2.0 if args.quick else 3.0)
+    rounds = args.rounds or (1 if args.quick else 3)
     conns = [int(c) for c in args.conns.split(",")]
     for tool in ("wrk", "haproxy", "nginx"):
         if shutil.which(tool) is None:
@@ -219,27 +225,40 @@ def main() -> int:
 
         if args.only:
             setups = [x for x in setups if x[0] == "direct" or args.only in x[0]]
-        results: dict[tuple[str, int], Point] = {}
-        for name, port, _, pids in setups:
+        for _name, port, _, pids in setups:
             run_wrk(port, 16, 1, pids)  # warm up pools and caches
+        samples: dict[tuple[str, int], list[Point]] = {}
+        for r in range(rounds):
             for c in conns:
-                results[(name, c)] = run_wrk(port, c, seconds, pids)
-                print(f"  measured {name:15} c={c:<3} {results[(name, c)].rps:9.0f} rps",
-                      file=sys.stderr, flush=True)
-        report(setups, conns, results, seconds)
+                for name, port, _, pids in setups:
+                    point = run_wrk(port, c, seconds, pids)
+                    samples.setdefault((name, c), []).append(point)
+                    print(f"  round {r + 1}/{rounds} {name:15} c={c:<3} {point.rps:9.0f} rps",
+                          file=sys.stderr, flush=True)
+        results = {key: _median(points) for key, points in samples.items()}
+        report(setups, conns, results, seconds, rounds)
     finally:
         stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
+def _median(points: list[Point]) -> Point:
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    return Point(med([p.rps for p in points]), med([p.p50 for p in points]),
+                 med([p.p90 for p in points]), med([p.p99 for p in points]),
+                 med([p.cpu_us_per_req for p in points]))
+
+
 def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
-           results: dict[tuple[str, int], Point], seconds: float) -> None:
+           results: dict[tuple[str, int], Point], seconds: float, rounds: int) -> None:
     c1 = conns[0]
     cmax = conns[-1]
     direct_p50 = results[("direct", c1)].p50
-    print(f"\nwrk -t1, 1 KB body from nginx, {seconds:g} s per point, loopback, "
-          f"{os.cpu_count()} cores\n")
+    print(f"\nwrk -t1, 1 KB body from nginx, {seconds:g} s per point, median of {rounds} "
+          f"interleaved round(s), loopback, {os.cpu_count()} cores\n")
     print(f"{'setup':16} {'c':>3} {'rps':>9} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} "
           f"{'+us/hop':>8} {'CPU us/req/hop':>15} {'CPU s/s per 1k rps':>19}")
     added: dict[str, float] = {}

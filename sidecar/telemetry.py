@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import trio
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -353,8 +354,17 @@ class SidecarTelemetry:
     def register(self, registry: CollectorRegistry) -> None:
         registry.register(TelemetryCollector(self.recorder))
 
-    def begin(self, name: str, traceparent: str | None, tracestate: str | None) -> Hop:
-        return self.tracer.start_hop(name, traceparent, tracestate)
+    def begin(
+        self,
+        name: str,
+        traceparent: str | None,
+        tracestate: str | None,
+        *,
+        outbound: bool = False,
+    ) -> Hop:
+        """At request start: the hop (span) whose `traceparent` goes upstream."""
+        kind = SpanKind.CLIENT if outbound else SpanKind.SERVER
+        return self.tracer.start_hop(name, traceparent, tracestate, kind=kind)
 
     def end(
         self,
@@ -374,9 +384,17 @@ class SidecarTelemetry:
         authority: str = "",
         upstream: str = "",
         request_id: str = "",
+        count: bool = True,
     ) -> None:
-        """One finished request: metrics, batch aggregates, span end, access-log line."""
-        self.recorder.record(src, dst, dst_version, status, flags, duration, rx_bytes, tx_bytes)
+        """One finished request: metrics and batch aggregates (unless `count` is False),
+        span end, access-log line.
+
+        Count each request once in the mesh: on the outbound side (the client's view,
+        which sees connect failures, timeouts and exhausted retries), and on the inbound
+        side only when the caller is not in the mesh (no source: ingress, plain clients).
+        """
+        if count:
+            self.recorder.record(src, dst, dst_version, status, flags, duration, rx_bytes, tx_bytes)
         hop.finish(status, flags)
         if self.access_log is not None:
             self.access_log.record(

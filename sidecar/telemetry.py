@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from math import ceil, log2
 
 import trio
 from opentelemetry.trace import SpanKind
@@ -35,7 +36,7 @@ from prometheus_client.registry import Collector
 from bus import subjects
 from bus.client import Bus, connect
 from mesh.errors import BusError, MeshError
-from mesh.stats import PairAgg
+from mesh.stats import BASE_S, GROWTH_LOG2, NBUCKETS, PairAgg
 from mesh.telemetry import PairKey, build_batch
 from sidecar.accesslog import AccessLog
 from sidecar.tracing import Hop, HopTracer, SpanShipper
@@ -47,7 +48,10 @@ MAX_PAIRS_PER_BATCH = 500
 # Every 4th histogram bound (100 µs * 2**k) becomes a Prometheus bucket: 20 buckets.
 PROM_BUCKET_EVERY = 4
 
-RequestKey = tuple[str, str, str, int, str]  # (src, dst, ver, code, flags)
+RequestKey = tuple[str, str, str, int, str]
+_INV_BASE = 1.0 / BASE_S
+_INV_GROWTH = 1.0 / GROWTH_LOG2
+_LAST_BUCKET = NBUCKETS - 1  # (src, dst, ver, code, flags)
 
 
 class Recorder:
@@ -88,12 +92,34 @@ class Recorder:
         tx_bytes: int = 0,
     ) -> None:
         """One finished request: status `code` (0: no response), `duration` in seconds."""
+        # PairAgg.observe and Histogram.observe inlined: this runs once per request.
         key = (src, dst, dst_version)
         agg = self.current.get(key)
         if agg is None:
             agg = self.current[key] = PairAgg()
-        agg.observe(code, flags, duration, rx_bytes, tx_bytes)
-        rkey = (src, dst, dst_version, code if 100 <= code <= 599 else 0, flags)
+        agg.requests += 1
+        c = code // 100
+        if 1 <= c <= 5:
+            agg.codes[c] += 1
+            if c == 5:
+                agg.errors += 1
+        else:
+            agg.codes[0] += 1
+            agg.errors += 1
+            code = 0
+        hist = agg.hist
+        if duration <= BASE_S:
+            hist.counts[0] += 1
+        else:
+            i = ceil(log2(duration * _INV_BASE) * _INV_GROWTH - 1e-9)
+            hist.counts[i if i < _LAST_BUCKET else _LAST_BUCKET] += 1
+        hist.count += 1
+        hist.sum += duration
+        agg.rx_bytes += rx_bytes
+        agg.tx_bytes += tx_bytes
+        if flags:
+            agg.flags[flags] = agg.flags.get(flags, 0) + 1
+        rkey = (src, dst, dst_version, code, flags)
         self.requests[rkey] = self.requests.get(rkey, 0) + 1
 
     # -- other events (connection and resilience layers) ---------------------

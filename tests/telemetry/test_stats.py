@@ -199,3 +199,39 @@ def test_graph_counts_each_batch_once_and_counts_gaps() -> None:
     assert g.totals[("a", "b")].requests == 40
     g.expire(400.0)
     assert g.graph("5m", 400.0) == ([], [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=-1, max_value=1200),
+            st.sampled_from(["", "UF", "UT,URX"]),
+            st.floats(min_value=0, max_value=1e5, allow_nan=False),
+        ),
+        max_size=50,
+    )
+)
+def test_the_recorders_inlined_hot_path_matches_pair_agg(
+    requests: list[tuple[int, str, float]],
+) -> None:
+    from sidecar.telemetry import Recorder
+
+    r = Recorder("default", "a", "a-1")
+    ref = PairAgg()
+    for code, flags, seconds in requests:
+        r.record("a", "b", "v1", code, flags, seconds, 3, 4)
+        ref.observe(code, flags, seconds, 3, 4)
+    got = r.current.get(("a", "b", "v1"), PairAgg())
+    assert (got.requests, got.errors, got.codes, got.flags) == (
+        ref.requests,
+        ref.errors,
+        ref.codes,
+        ref.flags,
+    )
+    assert got.hist.counts == ref.hist.counts and (got.rx_bytes, got.tx_bytes) == (
+        ref.rx_bytes,
+        ref.tx_bytes,
+    )
+    assert sum(r.requests.values()) == len(requests)
+    assert all(k[3] == 0 or 100 <= k[3] <= 599 for k in r.requests)

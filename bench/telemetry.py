@@ -197,15 +197,11 @@ async def ingest_run(
 ) -> dict[str, float]:
     state = GraphState()
     merged = 0
+    decode: Any = parse_batch if mode == "merge" else (lambda data: data)
     async with connect(url, name=f"bench-{mode}") as bus:
-        if mode == "merge":
-            ctx = bus.subscribe_decoded(
-                subjects.TELEMETRY_ALL, parse_batch, capacity=262144, overflow=Overflow.DROP_OLDEST
-            )
-        else:
-            ctx = bus.subscribe_raw(
-                subjects.TELEMETRY_ALL, capacity=262144, overflow=Overflow.DROP_OLDEST
-            )
+        ctx = bus.subscribe_decoded(
+            subjects.TELEMETRY_ALL, decode, capacity=262144, overflow=Overflow.DROP_OLDEST
+        )
         async with ctx as sub:
             proc = await trio.lowlevel.open_process(
                 [sys.executable, "-c", PUBLISHER, url, str(batches_file), str(sidecars)],

@@ -7,6 +7,7 @@ object with per-pair totals after BATCHES telemetry batches.
 import asyncio
 import json
 import sys
+from typing import Any
 
 import msgpack
 import nats
@@ -18,7 +19,7 @@ async def main(url: str, want: int) -> None:
     got = asyncio.Event()
     seen = 0
 
-    async def on_msg(msg: "nats.aio.msg.Msg") -> None:
+    async def on_msg(msg: Any) -> None:
         nonlocal seen
         # Envelope: {"t": type, "v": version, "b": body}; map keys may be integers.
         env = msgpack.unpackb(msg.data, raw=False, strict_map_key=False)

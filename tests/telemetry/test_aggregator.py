@@ -121,8 +121,8 @@ async def test_aggregator_merges_sidecar_batches_into_golden_signals(
         async with client.subscribe_raw(subjects.TELEMETRY_ALL) as raw:
             recorders["backend"].record("backend", "db", "v2", 200, "", 0.001)
             with trio.fail_after(5):
-                async for d in raw:
-                    await client.publish(d.subject, d.body)
+                async for raw_d in raw:
+                    await client.publish(raw_d.subject, raw_d.body)
                     break
         with trio.fail_after(5):
             while actors[1].state.stats.duplicates < 1:

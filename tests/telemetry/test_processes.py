@@ -60,7 +60,7 @@ async def read_json_line(proc: trio.Process, key: str, timeout: float = 20) -> d
                         return obj
             chunk = await proc.stdout.receive_some(65536)
             if not chunk:
-                err = b""
+                err: bytes | bytearray = b""
                 if proc.stderr is not None:
                     with trio.move_on_after(1):
                         err = await proc.stderr.receive_some(65536)

@@ -79,11 +79,12 @@ def test_three_hops_make_parent_child_spans_with_one_trace_id() -> None:
     spans = [t.collector.take() for t in tracers]
     assert [len(s) for s in spans] == [1, 1, 1]
     a, b, c = (s[0] for s in spans)
-    trace_ids = {x.get_span_context().trace_id for x in (a, b, c)}
-    assert trace_ids == {int(hops[0].trace_id, 16)}
+    ctx_a, ctx_b, ctx_c = (x.get_span_context() for x in (a, b, c))
+    assert ctx_a is not None and ctx_b is not None and ctx_c is not None
+    assert {ctx_a.trace_id, ctx_b.trace_id, ctx_c.trace_id} == {int(hops[0].trace_id, 16)}
     assert a.parent is None
-    assert b.parent is not None and b.parent.span_id == a.get_span_context().span_id
-    assert c.parent is not None and c.parent.span_id == b.get_span_context().span_id
+    assert b.parent is not None and b.parent.span_id == ctx_a.span_id
+    assert c.parent is not None and c.parent.span_id == ctx_b.span_id
     assert hops[2].tracestate == ""  # the first hop started the trace: nothing to forward
     parsed = [parse_traceparent(h.traceparent) for h in hops]
     assert all(p is not None and p.sampled for p in parsed)
@@ -179,8 +180,8 @@ async def test_spans_reach_mesh_trace_over_nats_and_an_otlp_collector(
             "      db: GET /hop2"
         )
 
-        otlp_trace_ids = set()
-        services = set()
+        otlp_trace_ids: set[str] = set()
+        services: set[str] = set()
         for body in received:
             req = ExportTraceServiceRequest.FromString(body)
             for rs in req.resource_spans:

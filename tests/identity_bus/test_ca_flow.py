@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 import trio
-from conftest import SECRET, TD, Mesh, running_mesh
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from identity_bus_helpers import SECRET, TD, Mesh, running_mesh
 from tls_helpers import mtls_exchange
 
 from actors.ca import CaActor

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import SECRET, TD, running_mesh
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from identity_bus_helpers import SECRET, TD, running_mesh
 
 from actors.ca import CaActor, signing_root
 from actors.ca_config import CaConfig, CaConfigError, ensure_embedded_secret, parse_duration

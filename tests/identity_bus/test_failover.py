@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
-from conftest import SECRET
+from identity_bus_helpers import SECRET
 
 from bus import subjects
 from bus.client import Bus, connect

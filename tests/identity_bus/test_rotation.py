@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import trio
-from conftest import TD, Mesh
+from identity_bus_helpers import TD, Mesh
 from tls_helpers import mtls_exchange
 
 from actors.ca import signing_root

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ssl
 
 import trio
-from conftest import Mesh
+from identity_bus_helpers import Mesh
 
 from mesh import pki
 from mesh.snapshot import Snapshot

@@ -59,15 +59,22 @@ LEASE_NAME = "config"  # JetStream's maximum: revisions kept for rollback
 class ConfigActor:
     name = "config"
 
-    def __init__(self, *, debounce: float = 0.02, max_delay: float = 0.25,
-                 warmup: float = 1.5, lease_ttl: float = 3.0) -> None:
+    def __init__(
+        self,
+        *,
+        debounce: float = 0.02,
+        max_delay: float = 0.25,
+        warmup: float = 1.5,
+        lease_ttl: float = 3.0,
+    ) -> None:
         self.debounce = debounce
         self.max_delay = max_delay
         self.warmup = warmup
         self.lease_ttl = lease_ttl
 
-    async def run(self, ctx: ActorContext, *,
-                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, ctx: ActorContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         state = _ConfigState(self, ctx)
         await state.run(task_status=task_status)
 
@@ -87,9 +94,17 @@ class _ConfigState:
         self._dirty = trio.Event()
         self.leading = False
         self._full_cache: dict[str, tuple[str, bytes]] = {}
-        self.stats: dict[str, Any] = {"compiles": 0, "pushes": 0, "push_bytes": 0,
-                                      "full_replies": 0, "full_bytes": 0, "acks": 0,
-                                      "nacks": 0, "heartbeats": 0, "last_change_bytes": 0}
+        self.stats: dict[str, Any] = {
+            "compiles": 0,
+            "pushes": 0,
+            "push_bytes": 0,
+            "full_replies": 0,
+            "full_bytes": 0,
+            "acks": 0,
+            "nacks": 0,
+            "heartbeats": 0,
+            "last_change_bytes": 0,
+        }
 
     def now(self) -> float:
         return trio.current_time()
@@ -115,12 +130,15 @@ class _ConfigState:
         kv = await open_kv(self.bus, subjects.KV_CONFIG, history=KV_HISTORY)
         bus = self.bus
         async with (
-            bus.subscribe(subjects.CONFIG_FULL, queue=subjects.CONFIG_QUEUE,
-                          capacity=65536) as full,
-            bus.subscribe(subjects.CONFIG_HEARTBEAT, capacity=65536,
-                          overflow=Overflow.DROP_OLDEST) as heartbeats,
-            bus.subscribe(subjects.CONFIG_ACK, capacity=65536,
-                          overflow=Overflow.DROP_OLDEST) as acks,
+            bus.subscribe(
+                subjects.CONFIG_FULL, queue=subjects.CONFIG_QUEUE, capacity=65536
+            ) as full,
+            bus.subscribe(
+                subjects.CONFIG_HEARTBEAT, capacity=65536, overflow=Overflow.DROP_OLDEST
+            ) as heartbeats,
+            bus.subscribe(
+                subjects.CONFIG_ACK, capacity=65536, overflow=Overflow.DROP_OLDEST
+            ) as acks,
             bus.subscribe(subjects.CONFIG_STATUS, queue=subjects.CONFIG_QUEUE) as status,
             kv.watch(subjects.CONFIG_KEY) as watch,
             trio.open_nursery() as nursery,
@@ -138,8 +156,13 @@ class _ConfigState:
             nursery.start_soon(self._lead)
             nursery.start_soon(self._compiler)
             nursery.start_soon(self._expirer)
-            log.info("config actor on %s: revision %d, %d resources, warm in %.1f s",
-                     self.ctx.replica, self.revision, len(self.resources), self.a.warmup)
+            log.info(
+                "config actor on %s: revision %d, %d resources, warm in %.1f s",
+                self.ctx.replica,
+                self.revision,
+                len(self.resources),
+                self.a.warmup,
+            )
             task_status.started()
 
     # -- resources ------------------------------------------------------
@@ -151,8 +174,9 @@ class _ConfigState:
             try:
                 resources, _ = decode_set(entry.value)
             except ConfigError as exc:  # written by something that skipped validation
-                log.error("config revision %d refused, keeping %d: %s",
-                          entry.revision, self.revision, exc)
+                log.error(
+                    "config revision %d refused, keeping %d: %s", entry.revision, self.revision, exc
+                )
                 return
         self.resources, self.revision = resources, entry.revision
         self.mark_dirty()
@@ -196,7 +220,7 @@ class _ConfigState:
         return out
 
     def recompile(self) -> None:
-        pushes = self.sync.update(self._compile(self.sync.wanted_services()))
+        pushes = self.sync.update(self._compile(self.sync.wanted_services()), now=self.now())
         if not pushes:
             return
         sent = 0
@@ -228,8 +252,14 @@ class _ConfigState:
         version = state.compiled.version
         cached = self._full_cache.get(service)
         if cached is None or cached[0] != version:
-            push = SnapshotPush(service=service, version=version, base="", nonce=state.nonce,
-                                full=True, body=state.compiled.snapshot)
+            push = SnapshotPush(
+                service=service,
+                version=version,
+                base="",
+                nonce=state.nonce,
+                full=True,
+                body=state.compiled.snapshot,
+            )
             cached = (version, encode(push))
             self._full_cache[service] = cached
         return cached[1]
@@ -247,7 +277,7 @@ class _ConfigState:
             data = self._full_bytes(req.service)
             if data is None:
                 continue
-            self.bus.reply(d, data)
+            self._reply(d, data)
             self.stats["full_replies"] += 1
             self.stats["full_bytes"] += len(data)
 
@@ -271,18 +301,33 @@ class _ConfigState:
             if isinstance(ack, ConfigAck):
                 self.stats["acks" if ack.ok else "nacks"] += 1
                 if not ack.ok:
-                    log.warning("%s (%s) refused %s: %s", ack.instance, ack.service,
-                                ack.version, ack.reason)
+                    log.warning(
+                        "%s (%s) refused %s: %s", ack.instance, ack.service, ack.version, ack.reason
+                    )
                 self.sync.on_ack(ack, self.now())
 
     async def _serve_status(self, mailbox: Any) -> None:
         d: Delivery[Any]
         async for d in mailbox:
-            if isinstance(d.body, ConfigStatusRequest):
-                self.bus.reply(d, ConfigStatus(
-                    replica=self.ctx.replica, revision=self.revision,
-                    sidecars=self.sync.status(self.now()),
-                    stats={**self.stats, "leading": self.leading, "warm": self.warm.is_set()}))
+            req = d.body
+            if not isinstance(req, ConfigStatusRequest):
+                continue
+            rows = [r for r in self.sync.status(self.now())
+                    if not req.service or r["service"] == req.service]
+            counts: dict[str, int] = {}
+            for r in rows:
+                counts[r["status"]] = counts.get(r["status"], 0) + 1
+            self._reply(d, ConfigStatus(
+                replica=self.ctx.replica, revision=self.revision,
+                sidecars=rows[req.offset:req.offset + max(0, req.limit)],
+                stats={**self.stats, "leading": self.leading, "warm": self.warm.is_set()},
+                total=len(rows), counts=counts))
+
+    def _reply(self, delivery: Delivery[Any], message: Message | bytes) -> None:
+        try:
+            self.bus.reply(delivery, message)
+        except MeshError as exc:  # too large, outbox full: the asker times out, we go on
+            log.warning("reply not sent: %s", exc)
 
     async def _expirer(self) -> None:
         while True:

@@ -468,7 +468,12 @@ class ConfigHeartbeat(Message):
 @message
 @dataclasses.dataclass(frozen=True, slots=True)
 class ConfigStatusRequest(Message):
+    """Rows `offset`..`offset + limit` of the status (sorted by service, instance)."""
+
     TYPE: ClassVar[str] = "config.status_request"
+    service: str = ""  # "": every service
+    offset: int = 0
+    limit: int = 1000
 
 
 @message
@@ -481,3 +486,5 @@ class ConfigStatus(Message):
     revision: int
     sidecars: list[dict[str, Any]]
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    total: int = 0  # rows matching the request, of which `sidecars` is one page
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)  # SYNCED/STALE/NACKED

@@ -193,6 +193,7 @@ class ServiceState:
     compiled: Compiled
     previous: Compiled | None = None
     nonce: str = ""
+    pushed_at: float = -1e9  # last delta pushed to every sidecar of the service
 
 
 @dataclass
@@ -256,8 +257,9 @@ class ServerSync:
         if state is None or changed:
             return changed, None
         current = state.compiled.version
-        if hb.acked == current or hb.nacked == current or now - p.sent_at < self.resend_after:
-            return False, None
+        if (hb.acked == current or hb.nacked == current
+                or now - max(p.sent_at, state.pushed_at) < self.resend_after):
+            return False, None  # in step, refused it, or a push to it may be in flight
         p.sent_at = now
         return False, self.full_for(hb.service, hb.instance)
 
@@ -281,7 +283,7 @@ class ServerSync:
 
     # snapshots ---------------------------------------------------------
 
-    def update(self, compiled: dict[str, Compiled], *, prune: bool = True
+    def update(self, compiled: dict[str, Compiled], *, prune: bool = True, now: float = 0.0
                ) -> list[SnapshotPush]:
         """New compiled snapshots; returns the pushes (deltas; nothing for a new service, whose
         sidecars ask for a full snapshot). `prune` forgets services not in `compiled`."""
@@ -295,6 +297,7 @@ class ServerSync:
                 continue
             old = state.compiled
             state.previous, state.compiled, state.nonce = old, c, new_nonce()
+            state.pushed_at = now
             delta = make_delta(old.snapshot, c.snapshot)
             pushes.append(SnapshotPush(service=service, version=c.version, base=old.version,
                                        nonce=state.nonce, full=False, body=delta))

@@ -8,6 +8,7 @@ nothing. Helpers here are shared by the other config commands (get, delete, roll
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -77,9 +78,23 @@ async def change_config(args: argparse.Namespace, change: Change, *, dry_run: bo
         return 0
 
 
-async def fetch_status(bus: Bus, timeout: float = 3.0) -> ConfigStatus:
-    return await bus.request(subjects.CONFIG_STATUS, ConfigStatusRequest(), ConfigStatus,
-                             timeout=timeout)
+async def fetch_status(bus: Bus, timeout: float = 3.0, *, service: str = "",
+                       rows: bool = True) -> ConfigStatus:
+    """The control plane's status; every row, fetched page by page (rows=False: counts only)."""
+    page = 1000 if rows else 0
+    st = await bus.request(subjects.CONFIG_STATUS,
+                           ConfigStatusRequest(service=service, limit=page), ConfigStatus,
+                           timeout=timeout)
+    sidecars = list(st.sidecars)
+    while rows and len(sidecars) < st.total:
+        more = await bus.request(
+            subjects.CONFIG_STATUS,
+            ConfigStatusRequest(service=service, offset=len(sidecars), limit=page),
+            ConfigStatus, timeout=timeout)
+        if not more.sidecars:
+            break
+        sidecars.extend(more.sidecars)
+    return dataclasses.replace(st, sidecars=sidecars)
 
 
 async def wait_synced(bus: Bus, revision: int, timeout: float, out: Any) -> None:

@@ -232,3 +232,20 @@ def test_many_random_changes_converge() -> None:
     deliver(final)  # what a heartbeat-triggered heal sends
     assert c.version == s.services["reviews"].compiled.version
     assert c.snapshot == s.services["reviews"].compiled.snapshot
+
+
+def test_no_heal_while_a_delta_may_be_in_flight() -> None:
+    resources = as_set(GOOD)
+    s = ServerSync()
+    s.on_heartbeat(hb("r1", address="127.0.0.1:1001"), now=0.0)
+    s.update(compile_all(resources, s.registrations(), s.wanted_services()), now=0.0)
+    v1 = s.services["reviews"].compiled.version
+    dp = parse_text("kind: DestinationPolicy\nname: reviews\nspec: {service: reviews, subsets: "
+                    "{v1: {version: v1}, v2: {version: v2}}, lb: least_request}", "dp.yaml")
+    (push,) = s.update(compile_all(merged(resources, dp), s.registrations(),
+                                   s.wanted_services()), now=10.0)
+    # the sidecar's heartbeat still says v1: the delta is on its way, no full snapshot yet
+    assert s.on_heartbeat(hb("r1", acked=v1, address="127.0.0.1:1001"), now=10.5) == (False,
+                                                                                       None)
+    _, heal = s.on_heartbeat(hb("r1", acked=v1, address="127.0.0.1:1001"), now=12.5)
+    assert heal is not None and heal.version == push.version and heal.instance == "r1"

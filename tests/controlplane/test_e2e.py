@@ -161,3 +161,19 @@ def test_traffic_survives_the_control_plane_and_sidecars_resync(mesh: Mesh, tmp:
     mesh.wait_for("resync", lambda: {r["status"] for r in mesh.rows().values()} == {"SYNCED"}
                   and len(mesh.rows()) == 3)
     assert mesh.traffic(30) == {"v2": 30}
+
+
+def test_get_and_delete(mesh: Mesh, tmp: Path) -> None:
+    apply_base(mesh, tmp)
+    table = mesh.ok("get", "all")
+    assert "Route" in table and "service=reviews rules=2" in table
+    assert "split:\n" in mesh.ok("get", "route", "reviews")
+    res = mesh.mesh("delete", "service", "reviews")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "Route/reviews: spec.service: Service 'reviews' does not exist" in res.stderr
+    res = mesh.mesh("get", "dp", "nope")
+    assert res.returncode == 1 and "DestinationPolicy/nope does not exist" in res.stderr
+    # without its Route, reviews is split equally over the policy's subsets
+    assert "- Route/reviews" in mesh.ok("delete", "route", "reviews", "--wait", "15")
+    seen = mesh.traffic(100)
+    assert set(seen) == {"v1", "v2"}

@@ -44,7 +44,7 @@ async def test_two_holders_one_leader_and_handover_on_release(nats_server: NatsS
                 await a_leads.wait()
                 await nursery.start(b.run_as_leader, lambda t: work("b", b_leads, None))
                 # b keeps competing through several of a's heartbeats without winning.
-                with trio.move_on_after(2.5):
+                with trio.move_on_after(1.5):
                     await b_leads.wait()
                 assert leading == ["a"] and not b_leads.is_set()
                 assert await b.current_holder() == "a"
@@ -101,7 +101,7 @@ async def test_standby_takes_over_from_a_killed_holder(nats_server: NatsServer) 
 
                 nursery.start_soon(compete)
                 # While the holder lives, the standby does not win.
-                with trio.move_on_after(2.0):
+                with trio.move_on_after(1.0):
                     while not won:
                         await trio.sleep(0.05)
                 assert not won
@@ -147,7 +147,7 @@ async def test_paused_leader_steps_down_when_it_resumes(nats_server: NatsServer)
                     await read_until(b'"stopped"')
                     assert b'"valid": false' in out
                     # It competes again but cannot win while the standby heartbeats.
-                    with trio.move_on_after(2.0):
+                    with trio.move_on_after(1.0):
                         await read_until(b'"ready"', count=2)
                     assert out.count(b'"ready"') == 1
                     assert await standby.current_holder() == "standby"

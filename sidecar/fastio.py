@@ -29,11 +29,17 @@ class ByteIO(Protocol):
 
 
 class FastSocket:
-    __slots__ = ("fd", "stream")
+    __slots__ = ("sock", "stream")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.fd = stream.socket.fileno()
+        self.sock = stream.socket
+
+    @property
+    def fd(self) -> int:
+        # Asked each time, never cached: a closed socket says -1 (EBADF), while a cached
+        # number could by then name another connection's socket.
+        return self.sock.fileno()
 
     async def receive_some(self, max_bytes: int | None = 65536) -> bytes:
         if max_bytes is None:

@@ -6,15 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
-from telemetry_helpers import CHAIN, simulate
+from telemetry_helpers import CHAIN, mesh, process, read_json_line, simulate
 
 from bus.client import connect
 from bus.server import NatsServer
@@ -22,57 +19,6 @@ from sidecar.telemetry import Recorder, TelemetryPublisher
 
 MESH = [sys.executable, "-m", "mesh"]
 HERE = Path(__file__).parent
-
-
-@asynccontextmanager
-async def process(
-    argv: list[str], env: dict[str, str] | None = None
-) -> AsyncIterator[trio.Process]:
-    proc = await trio.lowlevel.open_process(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})}
-    )
-    try:
-        yield proc
-    finally:
-        with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.terminate()
-                with trio.move_on_after(5):
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
-            for s in (proc.stdout, proc.stderr):
-                if s is not None:
-                    await s.aclose()
-
-
-async def read_json_line(proc: trio.Process, key: str, timeout: float = 20) -> dict[str, Any]:
-    assert proc.stdout is not None
-    buf = b""
-    with trio.fail_after(timeout):
-        while True:
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if line.startswith(b"{"):
-                    obj: dict[str, Any] = json.loads(line)
-                    if key in obj:
-                        return obj
-            chunk = await proc.stdout.receive_some(65536)
-            if not chunk:
-                err: bytes | bytearray = b""
-                if proc.stderr is not None:
-                    with trio.move_on_after(1):
-                        err = await proc.stderr.receive_some(65536)
-                raise AssertionError(f"process exited: {buf.decode()} {err.decode()}")
-            buf += chunk
-
-
-async def mesh(*args: str) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(30):
-        return await trio.run_process(
-            [*MESH, *args], capture_stdout=True, capture_stderr=True, check=False
-        )
 
 
 async def test_top_and_raw_consumer_see_the_chain_through_real_processes(

@@ -13,6 +13,11 @@
     subscription doing msgpack decode only, and the pure merge without NATS.
     Goal (issue 6): 10,000 sidecars at 1 Hz on one core, i.e. >= 10,000 batches per
     CPU-second with headroom.
+(c) Request path through a real `mesh sidecar` (1 hop, nginx upstream, wrk -t1 -c16):
+    rps and sidecar CPU per request with telemetry on (metrics, 1 Hz batches to a real
+    nats-server, 1 % trace sampling) vs `--no-telemetry`, alternating in rounds.
+    Goal (issue 6): <= 10 % rps loss. Needs wrk and nginx (apt-get install wrk nginx);
+    skipped with a message when the sidecar has no telemetry wiring yet.
 """
 
 from __future__ import annotations
@@ -278,16 +283,140 @@ async def bench_ingest(sidecars: int, seconds: int) -> None:
     )
 
 
+def _dataplane() -> Any:
+    """bench/dataplane.py as a module (nginx, wrk and CPU helpers)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_dataplane", Path(__file__).resolve().parent / "dataplane.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_sidecar(rounds: int, seconds: float, conns: int) -> None:
+    import shutil
+    import statistics
+
+    print(
+        f"# (c) request path through a real sidecar, 1 hop, wrk -t1 -c{conns}, {rounds} rounds of {seconds:g} s"
+    )
+    help_text = subprocess.run(
+        [sys.executable, "-m", "mesh", "sidecar", "--help"], capture_output=True, text=True
+    ).stdout
+    if "--no-telemetry" not in help_text:
+        print("not measured: the sidecar does not call SidecarTelemetry yet (docs/telemetry.md)")
+        return
+    for tool in ("wrk", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"not measured: {tool} not found (apt-get install -y wrk nginx)")
+            return
+    dp = _dataplane()
+    tmp = Path(tempfile.mkdtemp(prefix="mesh-bench-tel-"))
+    tmp.chmod(0o755)
+    stack = dp.Stack(tmp)
+    nats_proc = None
+    try:
+        upstream = stack.nginx()
+        nats_port = dp.free_port()
+        nats_proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "nats-server"),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(nats_port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        dp.wait_port(nats_port)
+        snap = tmp / "snapshot.yaml"
+        snap.write_text(yaml_dump(dp.client_snapshot(upstream)))
+        setups = {}
+        for name, extra in (
+            ("off", ["--no-telemetry"]),
+            ("on", ["--telemetry-nats", f"nats://127.0.0.1:{nats_port}"]),
+        ):
+            proc = stack.start(
+                [
+                    dp.MESH,
+                    "sidecar",
+                    "--service",
+                    f"bench-{name}",
+                    "--app-port",
+                    "1",
+                    "--config",
+                    str(snap),
+                    "--outbound-port",
+                    "0",
+                    "--inbound-port",
+                    "0",
+                    "--admin-port",
+                    "0",
+                    *extra,
+                ],
+                cwd=dp.ROOT,
+            )
+            line = proc.stdout.readline()
+            setups[name] = (json.loads(line)["outbound"], proc.pid)
+        for port, pid in setups.values():
+            dp.run_wrk(port, conns, 1, [pid])  # warm up
+        samples: dict[str, list[Any]] = {"off": [], "on": []}
+        for _ in range(rounds):
+            for name, (port, pid) in setups.items():
+                samples[name].append(dp.run_wrk(port, conns, seconds, [pid]))
+        med = {
+            n: (
+                statistics.median(p.rps for p in pts),
+                statistics.median(p.cpu_us_per_req for p in pts),
+                statistics.median(p.p50 for p in pts),
+            )
+            for n, pts in samples.items()
+        }
+        for n in ("off", "on"):
+            rps, cpu, p50 = med[n]
+            print(
+                f"telemetry {n:3s}  {rps:9.0f} rps   sidecar CPU {cpu:6.1f} µs/req   p50 {p50:6.0f} µs"
+            )
+        loss = 1 - med["on"][0] / med["off"][0]
+        print(
+            f"  rps loss with telemetry on: {loss * 100:.1f}%  (CPU +{med['on'][1] - med['off'][1]:.1f} µs/req); "
+            f"goal <= 10%: {'met' if loss <= 0.10 else 'NOT met'}"
+        )
+    finally:
+        stack.close()
+        if nats_proc is not None:
+            nats_proc.terminate()
+            nats_proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def yaml_dump(obj: Any) -> str:
+    import yaml
+
+    text: str = yaml.safe_dump(obj)
+    return text
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--calls", type=int, default=300_000)
     p.add_argument("--sidecars", type=int, default=10_000)
     p.add_argument("--seconds", type=int, default=3)
     p.add_argument("--skip-ingest", action="store_true")
+    p.add_argument("--skip-sidecar", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="rounds for (c)")
+    p.add_argument("--point-seconds", type=float, default=3.0, help="seconds per wrk run in (c)")
     args = p.parse_args()
     bench_request_path(args.calls)
     if not args.skip_ingest:
         trio.run(bench_ingest, args.sidecars, args.seconds)
+    if not args.skip_sidecar:
+        bench_sidecar(args.rounds, args.point_seconds, 16)
     print(json.dumps({"done": True}))
 
 

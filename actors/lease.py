@@ -179,12 +179,33 @@ class Lease:
                         term.confirmed_until = started + _STEP_DOWN * self.ttl
                         break
                     except KVConflict:
-                        raise LeaseLost(
-                            f"lease {self.name}: taken over by another holder"
-                        ) from None
+                        # An earlier attempt may have landed after we stopped waiting for it
+                        # (cancelled at give_up_at, or a timeout): then the key holds our own
+                        # record at a newer revision. Holder names are unique, so adopt it.
+                        if not await self._still_ours(term):
+                            raise LeaseLost(
+                                f"lease {self.name}: taken over by another holder"
+                            ) from None
+                        continue
                     except BusError as exc:
                         log.warning("lease %s: heartbeat failed (%s)", self.name, exc)
                 await trio.sleep(min(0.1, interval / 4))
+
+    async def _still_ours(self, term: LeaseTerm) -> bool:
+        try:
+            entry = await self.kv.get(self.name)
+        except BusError:
+            return True  # unknown: the give-up deadline decides
+        if entry is None:
+            return False
+        try:
+            holder = decode_as(entry.value, LeaseRecord).holder
+        except MessageError:
+            return False
+        if holder != self.holder:
+            return False
+        term.revision = entry.revision
+        return True
 
     async def release(self, term: LeaseTerm) -> None:
         """Delete the key if it is still ours, so a standby takes over at once."""

@@ -13,6 +13,7 @@ import trio
 from actors.lease import Lease, LeaseLost, LeaseTerm, open_leases
 from bus.client import connect
 from bus.server import NatsServer
+from mesh.messages import LeaseRecord, encode
 from mesh.processes import child_kwargs, terminate
 
 HERE = Path(__file__).parent
@@ -154,3 +155,20 @@ async def test_paused_leader_steps_down_when_it_resumes(nats_server: NatsServer)
     finally:
         proc.send_signal(signal.SIGCONT)
         await terminate(proc)
+
+
+async def test_a_late_landing_heartbeat_of_our_own_is_not_a_takeover(
+    nats_server: NatsServer,
+) -> None:
+    """A heartbeat the holder stopped waiting for may land later: the next CAS then conflicts
+    with the holder's *own* record, which must not count as losing the lease."""
+    async with connect(nats_server.url) as bus:
+        kv = await open_leases(bus)
+        lease = Lease(kv, "late", "a", ttl=0.6)
+        with trio.fail_after(5):
+            async with lease.held() as term:
+                stale = term.revision
+                await kv.update("late", encode(LeaseRecord(holder="a", ttl=0.6)), stale)
+                while term.revision <= stale + 1:  # the heartbeat moved past the late write
+                    await trio.sleep(0.05)
+                assert term.valid() and await lease.current_holder() == "a"

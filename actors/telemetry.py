@@ -44,7 +44,7 @@ from mesh.messages import (
 )
 from mesh.stats_graph import GraphState
 from mesh.stats_window import WINDOWS
-from mesh.telemetry import parse_batch
+from mesh.telemetry import BadBatch, ParsedBatch, parse_batch
 
 log = logging.getLogger("mesh.actors.telemetry")
 
@@ -200,10 +200,18 @@ class TelemetryActor:
 
     async def _ingest(self, ctx: ActorContext, *, task_status: trio.TaskStatus[None]) -> None:
         state = self.state
+
+        def decode(data: bytes) -> ParsedBatch:
+            try:
+                return parse_batch(data)
+            except BadBatch:
+                state.stats.bad += 1
+                raise
+
         # Decoded on the bus's side of the callback; a batch that breaks the schema is
-        # dropped and counted in bus.stats.drops (BadBatch is a MessageError).
+        # dropped by the bus (BadBatch is a MessageError) and counted here as bad.
         async with ctx.bus.subscribe_decoded(
-            subjects.TELEMETRY_ALL, parse_batch, capacity=65536, overflow=Overflow.DROP_OLDEST
+            subjects.TELEMETRY_ALL, decode, capacity=65536, overflow=Overflow.DROP_OLDEST
         ) as sub:
             task_status.started()
             async for d in sub:

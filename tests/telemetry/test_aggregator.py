@@ -124,8 +124,10 @@ async def test_aggregator_merges_sidecar_batches_into_golden_signals(
                 async for raw_d in raw:
                     await client.publish(raw_d.subject, raw_d.body)
                     break
+        # A batch off the schema is dropped and counted, and ingest goes on.
+        await client.publish(subjects.telemetry("default", "x", "x-1"), b"\x93not a batch")
         with trio.fail_after(5):
-            while actors[1].state.stats.duplicates < 1:
+            while actors[1].state.stats.duplicates < 1 or actors[1].state.stats.bad < 1:
                 await trio.sleep(0.02)
         assert actors[1].state.totals[("backend", "db")].requests == 101
         nursery.cancel_scope.cancel()

@@ -312,16 +312,25 @@ class _ConfigState:
             req = d.body
             if not isinstance(req, ConfigStatusRequest):
                 continue
-            rows = [r for r in self.sync.status(self.now())
-                    if not req.service or r["service"] == req.service]
+            rows = [
+                r
+                for r in self.sync.status(self.now())
+                if not req.service or r["service"] == req.service
+            ]
             counts: dict[str, int] = {}
             for r in rows:
                 counts[r["status"]] = counts.get(r["status"], 0) + 1
-            self._reply(d, ConfigStatus(
-                replica=self.ctx.replica, revision=self.revision,
-                sidecars=rows[req.offset:req.offset + max(0, req.limit)],
-                stats={**self.stats, "leading": self.leading, "warm": self.warm.is_set()},
-                total=len(rows), counts=counts))
+            self._reply(
+                d,
+                ConfigStatus(
+                    replica=self.ctx.replica,
+                    revision=self.revision,
+                    sidecars=rows[req.offset : req.offset + max(0, req.limit)],
+                    stats={**self.stats, "leading": self.leading, "warm": self.warm.is_set()},
+                    total=len(rows),
+                    counts=counts,
+                ),
+            )
 
     def _reply(self, delivery: Delivery[Any], message: Message | bytes) -> None:
         try:

@@ -61,8 +61,10 @@ def resources(weight_v1: int) -> ResourceSet:
         f"kind: Route\nname: backend\nspec: {{service: backend, rules: [{{split: "
         f"{{v1: {weight_v1}, v2: {100 - weight_v1}}}}}]}}",
         "kind: Service\nname: edge\nspec: {dependencies: [backend]}",
-        *(f"kind: Service\nname: client-{i}\nspec: {{dependencies: [backend]}}"
-          for i in range(SIM_SERVICES)),
+        *(
+            f"kind: Service\nname: client-{i}\nspec: {{dependencies: [backend]}}"
+            for i in range(SIM_SERVICES)
+        ),
     ]
     out = {}
     for r in parse_text("\n---\n".join(docs), "bench"):
@@ -110,8 +112,9 @@ class Observer:
         self.armed = False
 
     async def run(self, bus: Bus, *, task_status: trio.TaskStatus[None]) -> None:
-        async with bus.subscribe(subjects.CONFIG_ACK, capacity=1 << 17,
-                                 overflow=Overflow.DROP_NEWEST) as acks:
+        async with bus.subscribe(
+            subjects.CONFIG_ACK, capacity=1 << 17, overflow=Overflow.DROP_NEWEST
+        ) as acks:
             task_status.started()
             async for d in acks:
                 ack = d.body
@@ -141,8 +144,16 @@ async def wait_synced(bus: Bus, count: int, timeout: float) -> None:
             await trio.sleep(0.5)
 
 
-async def measure(label: str, bus: Bus, store: Store, obs: Observer, expected: int,
-                  changes: int, cp_pid: int, http_port: int) -> dict[str, Any]:
+async def measure(
+    label: str,
+    bus: Bus,
+    store: Store,
+    obs: Observer,
+    expected: int,
+    changes: int,
+    cp_pid: int,
+    http_port: int,
+) -> dict[str, Any]:
     lat: list[float] = []
     cpu: list[float] = []
     cp_bytes: list[int] = []
@@ -155,8 +166,11 @@ async def measure(label: str, bus: Bus, store: Store, obs: Observer, expected: i
         obs.acked = {}
         obs.armed = True
         obs.t0 = trio.current_time()
-        await store.write(resources(90 - 10 * (i % 5) if i % 2 else 10 + 10 * (i % 5)),
-                          current.revision, f"bench {label} {i}")
+        await store.write(
+            resources(90 - 10 * (i % 5) if i % 2 else 10 + 10 * (i % 5)),
+            current.revision,
+            f"bench {label} {i}",
+        )
         with trio.move_on_after(30):
             while len(obs.acked) < expected:
                 await trio.sleep(0.01)
@@ -167,15 +181,22 @@ async def measure(label: str, bus: Bus, store: Store, obs: Observer, expected: i
         lat.extend(obs.acked.values())
         after_st = (await status_stats(bus))["stats"]
         cpu.append(cpu_seconds(cp_pid) - before_cpu)
-        cp_bytes.append(after_st["push_bytes"] + after_st["full_bytes"]
-                        - before_st["push_bytes"] - before_st["full_bytes"])
+        cp_bytes.append(
+            after_st["push_bytes"]
+            + after_st["full_bytes"]
+            - before_st["push_bytes"]
+            - before_st["full_bytes"]
+        )
         nats_bytes.append(nats_out_bytes(http_port) - before_nats)
         if got < expected:
             print(f"  change {i}: only {got}/{expected} ACKed within 30 s", flush=True)
         await trio.sleep(0.5)
     result = {
-        "case": label, "clients": expected, "changes": changes,
-        "ack_p50_ms": round(pct(lat, 0.5) * 1000, 1), "ack_p99_ms": round(pct(lat, 0.99) * 1000, 1),
+        "case": label,
+        "clients": expected,
+        "changes": changes,
+        "ack_p50_ms": round(pct(lat, 0.5) * 1000, 1),
+        "ack_p99_ms": round(pct(lat, 0.99) * 1000, 1),
         "ack_max_ms": round(max(lat) * 1000, 1) if lat else None,
         "all_acked_ms_median": round(statistics.median(complete) * 1000, 1),
         "cp_cpu_s_per_change": round(statistics.median(cpu), 3),
@@ -187,11 +208,11 @@ async def measure(label: str, bus: Bus, store: Store, obs: Observer, expected: i
     return result
 
 
-async def spawn(nursery: trio.Nursery, cmd: list[str], procs: list[trio.Process],
-                stderr: Path | None = None) -> dict[str, Any]:
+async def spawn(
+    nursery: trio.Nursery, cmd: list[str], procs: list[trio.Process], stderr: Path | None = None
+) -> dict[str, Any]:
     with open(stderr or os.devnull, "ab") as err:  # noqa: ASYNC230 - local file, once
-        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=err,
-                                                env=ENV)
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=err, env=ENV)
     procs.append(proc)
     return await read_ready(proc)
 
@@ -218,8 +239,12 @@ async def main(args: argparse.Namespace) -> None:
         cp_procs: list[trio.Process] = []
         procs: list[trio.Process] = []
         try:
-            await spawn(nursery, [MESH, "controlplane", "--nats", url, "--ready-line"], cp_procs,
-                        stderr=tmp / "controlplane.stderr")
+            await spawn(
+                nursery,
+                [MESH, "controlplane", "--nats", url, "--ready-line"],
+                cp_procs,
+                stderr=tmp / "controlplane.stderr",
+            )
             print(f"control-plane log: {tmp / 'controlplane.stderr'}", flush=True)
             cp_pid = cp_procs[0].pid
             async with connect(url, name="bench") as bus:
@@ -227,36 +252,90 @@ async def main(args: argparse.Namespace) -> None:
                 await store.write(resources(100), (await store.current()).revision, "bench")
                 obs = Observer()
                 await nursery.start(obs.run, bus)
-                print(f"nats {url}; control plane pid {cp_pid}; {os.cpu_count()} CPUs",
-                      flush=True)
+                print(f"nats {url}; control plane pid {cp_pid}; {os.cpu_count()} CPUs", flush=True)
                 if args.sidecars:
                     start = time.monotonic()
                     for i in range(args.sidecars):
-                        await spawn(nursery, [
-                            MESH, "sidecar", "--service", "edge", "--version", "v1",
-                            "--app-port", "9", "--nats", url, "--instance", f"edge-{i}",
-                            "--heartbeat", "2", "--outbound-port", "0", "--inbound-port", "0",
-                            "--admin-port", "0"], procs)
+                        await spawn(
+                            nursery,
+                            [
+                                MESH,
+                                "sidecar",
+                                "--service",
+                                "edge",
+                                "--version",
+                                "v1",
+                                "--app-port",
+                                "9",
+                                "--nats",
+                                url,
+                                "--instance",
+                                f"edge-{i}",
+                                "--heartbeat",
+                                "2",
+                                "--outbound-port",
+                                "0",
+                                "--inbound-port",
+                                "0",
+                                "--admin-port",
+                                "0",
+                            ],
+                            procs,
+                        )
                     await wait_synced(bus, args.sidecars, 60)
-                    print(f"{args.sidecars} sidecars up and synced in "
-                          f"{time.monotonic() - start:.1f} s", flush=True)
-                    await measure("real sidecars", bus, store, obs, args.sidecars, args.changes,
-                                  cp_pid, server.spec.http_port)
+                    print(
+                        f"{args.sidecars} sidecars up and synced in "
+                        f"{time.monotonic() - start:.1f} s",
+                        flush=True,
+                    )
+                    await measure(
+                        "real sidecars",
+                        bus,
+                        store,
+                        obs,
+                        args.sidecars,
+                        args.changes,
+                        cp_pid,
+                        server.spec.http_port,
+                    )
                     await stop_all(procs)
                 if args.sims:
                     start = time.monotonic()
                     per = args.sims // args.workers
                     async with trio.open_nursery() as starting:
                         for w in range(args.workers):
-                            starting.start_soon(spawn, nursery, [
-                                sys.executable, __file__, "--worker", "--nats", url,
-                                "--count", str(per), "--offset", str(w * per)], procs)
+                            starting.start_soon(
+                                spawn,
+                                nursery,
+                                [
+                                    sys.executable,
+                                    __file__,
+                                    "--worker",
+                                    "--nats",
+                                    url,
+                                    "--count",
+                                    str(per),
+                                    "--offset",
+                                    str(w * per),
+                                ],
+                                procs,
+                            )
                     await wait_synced(bus, per * args.workers, 120)
-                    print(f"{per * args.workers} simulated clients in {args.workers} processes "
-                          f"registered and synced in {time.monotonic() - start:.1f} s",
-                          flush=True)
-                    await measure("simulated clients", bus, store, obs, per * args.workers,
-                                  args.changes, cp_pid, server.spec.http_port)
+                    print(
+                        f"{per * args.workers} simulated clients in {args.workers} processes "
+                        f"registered and synced in {time.monotonic() - start:.1f} s",
+                        flush=True,
+                    )
+                    await measure(
+                        "simulated clients",
+                        bus,
+                        store,
+                        obs,
+                        per * args.workers,
+                        args.changes,
+                        cp_pid,
+                        server.spec.http_port,
+                    )
         finally:
             with trio.CancelScope(shield=True):
                 await stop_all(procs)
@@ -268,9 +347,14 @@ async def main(args: argparse.Namespace) -> None:
 
 
 async def worker(args: argparse.Namespace) -> None:
-    clients = [ClientSync(instance=f"sim-{args.offset + i}",
-                          service=f"client-{(args.offset + i) % SIM_SERVICES}", label="v1")
-               for i in range(args.count)]
+    clients = [
+        ClientSync(
+            instance=f"sim-{args.offset + i}",
+            service=f"client-{(args.offset + i) % SIM_SERVICES}",
+            label="v1",
+        )
+        for i in range(args.count)
+    ]
     by_service: dict[str, list[ClientSync]] = {}
     for c in clients:
         by_service.setdefault(c.service, []).append(c)
@@ -290,8 +374,9 @@ async def worker(args: argparse.Namespace) -> None:
         async def fetch(c: ClientSync, reason: str) -> None:
             for _ in range(20):
                 try:
-                    push = await bus.request(subjects.CONFIG_FULL, c.hello(reason),
-                                             SnapshotPush, timeout=10)
+                    push = await bus.request(
+                        subjects.CONFIG_FULL, c.hello(reason), SnapshotPush, timeout=10
+                    )
                 except Exception:  # retried
                     await trio.sleep(0.5)
                     continue
@@ -338,8 +423,16 @@ async def worker(args: argparse.Namespace) -> None:
                 for _ in range(32):
                     fetching.start_soon(fetcher)
             nursery.start_soon(heartbeats)
-            print(json.dumps({"event": "ready", "clients": len(clients),
-                              "synced": sum(bool(c.version) for c in clients)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "event": "ready",
+                        "clients": len(clients),
+                        "synced": sum(bool(c.version) for c in clients),
+                    }
+                ),
+                flush=True,
+            )
 
 
 def cli() -> None:

@@ -56,8 +56,12 @@ def _services(resources: ResourceSet) -> dict[str, Resource]:
     return {r.name: r for r in resources.values() if r.kind == "Service"}
 
 
-def _cluster(resources: ResourceSet, service: str, endpoints: Iterable[Registration],
-             defaults: dict[str, Any]) -> dict[str, Any]:
+def _cluster(
+    resources: ResourceSet,
+    service: str,
+    endpoints: Iterable[Registration],
+    defaults: dict[str, Any],
+) -> dict[str, Any]:
     dp = policy_for(resources, service)
     spec = dp.spec if dp else {}
     addresses: dict[str, list[str]] = {}
@@ -85,8 +89,9 @@ def _cluster(resources: ResourceSet, service: str, endpoints: Iterable[Registrat
     return out
 
 
-def _routes(resources: ResourceSet, service: str, cluster: dict[str, Any],
-            defaults: dict[str, Any]) -> list[dict[str, Any]]:
+def _routes(
+    resources: ResourceSet, service: str, cluster: dict[str, Any], defaults: dict[str, Any]
+) -> list[dict[str, Any]]:
     route = route_for(resources, service)
     base: dict[str, Any] = {}
     if "timeout" in defaults:
@@ -116,13 +121,25 @@ def _inbound(resources: ResourceSet, service: str, defaults: dict[str, Any]) -> 
     (a no-op fault that stops the search), then, if any allow policy exists, deny the rest."""
     deny: list[dict[str, Any]] = []
     allow: list[dict[str, Any]] = []
-    policies = sorted((r for r in resources.values()
-                       if r.kind == "AuthorizationPolicy" and r.spec["service"] == service),
-                      key=lambda r: r.name)
+    policies = sorted(
+        (
+            r
+            for r in resources.values()
+            if r.kind == "AuthorizationPolicy" and r.spec["service"] == service
+        ),
+        key=lambda r: r.name,
+    )
     for p in policies:
         for rule in p.spec["rules"]:
-            match = {k: v for k, v in (("source", rule.get("source")), ("path", rule.get("path")),
-                                       ("methods", rule.get("methods"))) if v is not None}
+            match = {
+                k: v
+                for k, v in (
+                    ("source", rule.get("source")),
+                    ("path", rule.get("path")),
+                    ("methods", rule.get("methods")),
+                )
+                if v is not None
+            }
             if p.spec["action"] == "deny":
                 deny.append({"match": match, "abort": {"percent": 100, "status": FORBIDDEN}})
             else:
@@ -136,8 +153,9 @@ def _inbound(resources: ResourceSet, service: str, defaults: dict[str, Any]) -> 
     return out
 
 
-def compile_service(resources: ResourceSet, endpoints: Iterable[Registration],
-                    service: str) -> Compiled:
+def compile_service(
+    resources: ResourceSet, endpoints: Iterable[Registration], service: str
+) -> Compiled:
     """The snapshot for every sidecar of `service`. Raises ConfigError only on a bug or an
     unchecked resource (the result is checked by Snapshot.from_dict like any file)."""
     endpoints = list(endpoints)
@@ -151,10 +169,16 @@ def compile_service(resources: ResourceSet, endpoints: Iterable[Registration],
         cluster = _cluster(resources, name, endpoints, defaults)
         clusters.append(cluster)
         hosts = [name, *services[name].spec.get("hosts", [])]
-        svc_out.append({"name": name, "hosts": hosts,
-                        "routes": _routes(resources, name, cluster, defaults)})
-    raw = {"version": "0", "service": service, "inbound": _inbound(resources, service, defaults),
-           "services": svc_out, "clusters": clusters}
+        svc_out.append(
+            {"name": name, "hosts": hosts, "routes": _routes(resources, name, cluster, defaults)}
+        )
+    raw = {
+        "version": "0",
+        "service": service,
+        "inbound": _inbound(resources, service, defaults),
+        "services": svc_out,
+        "clusters": clusters,
+    }
     try:
         checked = Snapshot.from_dict(raw).to_dict()
         for svc in checked["services"]:
@@ -169,7 +193,8 @@ def compile_service(resources: ResourceSet, endpoints: Iterable[Registration],
     return Compiled(service=service, version=version, snapshot=checked)
 
 
-def compile_all(resources: ResourceSet, endpoints: Iterable[Registration],
-                services: Iterable[str]) -> dict[str, Compiled]:
+def compile_all(
+    resources: ResourceSet, endpoints: Iterable[Registration], services: Iterable[str]
+) -> dict[str, Compiled]:
     endpoints = list(endpoints)
     return {s: compile_service(resources, endpoints, s) for s in sorted(set(services))}

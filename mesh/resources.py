@@ -28,11 +28,16 @@ from mesh.errors import ConfigError
 KINDS = ("Service", "Route", "DestinationPolicy", "AuthorizationPolicy", "MeshConfig")
 # Short names accepted by the CLI (`mesh get route`), all lower case.
 KIND_ALIASES = {
-    "service": "Service", "services": "Service", "svc": "Service",
-    "route": "Route", "routes": "Route",
-    "destinationpolicy": "DestinationPolicy", "destinationpolicies": "DestinationPolicy",
+    "service": "Service",
+    "services": "Service",
+    "svc": "Service",
+    "route": "Route",
+    "routes": "Route",
+    "destinationpolicy": "DestinationPolicy",
+    "destinationpolicies": "DestinationPolicy",
     "dp": "DestinationPolicy",
-    "authorizationpolicy": "AuthorizationPolicy", "authorizationpolicies": "AuthorizationPolicy",
+    "authorizationpolicy": "AuthorizationPolicy",
+    "authorizationpolicies": "AuthorizationPolicy",
     "authz": "AuthorizationPolicy",
     "meshconfig": "MeshConfig",
 }
@@ -97,8 +102,14 @@ Check = Callable[[_V], Any]
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
-    names = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number"}
+    names = {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -113,8 +124,9 @@ def _str(v: _V) -> str:
 def _name(v: _V) -> str:
     s = _str(v)
     if not _NAME.match(s):
-        raise v.fail(f"{s!r} is not a valid name (lower-case letters, digits and '-', "
-                     "at most 63 characters)")
+        raise v.fail(
+            f"{s!r} is not a valid name (lower-case letters, digits and '-', at most 63 characters)"
+        )
     return s
 
 
@@ -125,6 +137,7 @@ def _int(lo: int, hi: int) -> Check:
         if not lo <= v.value <= hi:
             raise v.fail(f"{v.value} is out of range {lo}..{hi}")
         return v.value
+
     return check
 
 
@@ -135,6 +148,7 @@ def _num(lo: float, hi: float) -> Check:
         if not lo <= v.value <= hi:
             raise v.fail(f"{v.value} is out of range {lo}..{hi}")
         return v.value
+
     return check
 
 
@@ -150,6 +164,7 @@ def _enum(*choices: str) -> Check:
         if s not in choices:
             raise v.fail(f"{s!r} is not one of {', '.join(choices)}")
         return s
+
     return check
 
 
@@ -160,6 +175,7 @@ def _list(item: Check, *, min_len: int = 0) -> Check:
         if len(v.value) < min_len:
             raise v.fail(f"needs at least {min_len} item(s)")
         return [item(v.child(i)) for i in range(len(v.value))]
+
     return check
 
 
@@ -172,6 +188,7 @@ def _map(value: Check, *, key: Check = _str) -> Check:
             key(_V(k, f"{v.path}.{k}"))
             out[k] = value(v.child(k))
         return out
+
     return check
 
 
@@ -185,13 +202,13 @@ def _obj(fields: Mapping[str, Check], required: Iterable[str] = ()) -> Check:
         value = {("on" if k is True else k): x for k, x in v.value.items()}
         unknown = sorted(str(k) for k in value if k not in fields)
         if unknown:
-            raise v.fail(f"unknown field(s) {', '.join(unknown)} "
-                         f"(allowed: {', '.join(fields)})")
+            raise v.fail(f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(fields)})")
         for r in required:
             if value.get(r) is None:
                 raise v.fail(f"missing required field '{r}'")
         node = _V(value, v.path)
         return {k: fields[k](node.child(k)) for k in fields if value.get(k) is not None}
+
     return check
 
 
@@ -210,6 +227,7 @@ def _string_match(*, allow_present: bool) -> Check:
             except re.error as exc:
                 raise v.child("regex").fail(f"invalid regular expression: {exc}") from None
         return out
+
     return check
 
 
@@ -218,12 +236,14 @@ def _methods(v: _V) -> list[str]:
     return [m.upper() for m in methods]
 
 
-_MATCH = _obj({
-    "path": _string_match(allow_present=False),
-    "headers": _map(_string_match(allow_present=True)),
-    "methods": _methods,
-    "source": _name,
-})
+_MATCH = _obj(
+    {
+        "path": _string_match(allow_present=False),
+        "headers": _map(_string_match(allow_present=True)),
+        "methods": _methods,
+        "source": _name,
+    }
+)
 
 
 def _retry_on(v: _V) -> list[Any]:
@@ -232,27 +252,36 @@ def _retry_on(v: _V) -> list[Any]:
             return _int(500, 599)(x)
         if x.value in RETRY_CONDITIONS:
             return x.value
-        raise x.fail(f"unknown retry condition {x.value!r} (use one of "
-                     f"{', '.join(RETRY_CONDITIONS)} or a 5xx status code)")
+        raise x.fail(
+            f"unknown retry condition {x.value!r} (use one of "
+            f"{', '.join(RETRY_CONDITIONS)} or a 5xx status code)"
+        )
+
     result: list[Any] = _list(item)(v)
     return result
 
 
-_RETRIES = _obj({
-    "attempts": _int(1, 10),
-    "per_try_timeout": _num(0.001, 3600),
-    "on": _retry_on,
-    "backoff": _obj({"base": _num(0, 60), "max": _num(0, 600)}),
-})
+_RETRIES = _obj(
+    {
+        "attempts": _int(1, 10),
+        "per_try_timeout": _num(0.001, 3600),
+        "on": _retry_on,
+        "backoff": _obj({"base": _num(0, 60), "max": _num(0, 600)}),
+    }
+)
 
 
 def _fault(v: _V) -> dict[str, Any]:
-    out: dict[str, Any] = _obj({
-        "abort": _obj({"percent": _num(0, 100), "status": _int(200, 599)},
-                      required=("percent", "status")),
-        "delay": _obj({"percent": _num(0, 100), "seconds": _num(0, 3600)},
-                      required=("percent", "seconds")),
-    })(v)
+    out: dict[str, Any] = _obj(
+        {
+            "abort": _obj(
+                {"percent": _num(0, 100), "status": _int(200, 599)}, required=("percent", "status")
+            ),
+            "delay": _obj(
+                {"percent": _num(0, 100), "seconds": _num(0, 3600)}, required=("percent", "seconds")
+            ),
+        }
+    )(v)
     if not out:
         raise v.fail("a fault needs 'abort' or 'delay'")
     return out
@@ -265,58 +294,94 @@ def _split(v: _V) -> dict[str, int]:
     return out
 
 
-_RULE = _obj({
-    "name": _name,
-    "match": _MATCH,
-    "split": _split,
-    "timeout": _num(0.001, 86400),
-    "retries": _RETRIES,
-    "fault": _fault,
-})
+_RULE = _obj(
+    {
+        "name": _name,
+        "match": _MATCH,
+        "split": _split,
+        "timeout": _num(0.001, 86400),
+        "retries": _RETRIES,
+        "fault": _fault,
+    }
+)
 
 SPECS: dict[str, Check] = {
-    "Service": _obj({
-        "protocol": _enum("http"),
-        "port": _int(1, 65535),
-        "hosts": _list(_str),
-        "dependencies": _list(_name),
-    }),
-    "Route": _obj({"service": _name, "rules": _list(_RULE, min_len=1)},
-                  required=("service", "rules")),
-    "DestinationPolicy": _obj({
-        "service": _name,
-        "subsets": _map(_obj({"version": _str}, required=("version",)), key=_name),
-        "lb": _enum(*LB_POLICIES),
-        "hash_header": _str,
-        "connect_timeout": _num(0.001, 600),
-        "connection_limits": _obj({
-            "max_connections": _int(1, 1 << 30), "max_pending": _int(0, 1 << 30),
-            "max_requests": _int(1, 1 << 30), "max_requests_per_connection": _int(0, 1 << 30),
-        }),
-        "outlier": _obj({
-            "consecutive_5xx": _int(1, 1 << 30), "base_ejection_seconds": _num(0.001, 86400),
-            "max_ejection_seconds": _num(0.001, 86400), "max_ejection_percent": _int(0, 100),
-        }),
-        "retry_budget": _obj({"ratio": _num(0, 100), "min_per_second": _num(0, 1e6),
-                              "window_seconds": _num(0.1, 3600)}),
-        "mtls": _enum(*MTLS_MODES),
-    }, required=("service",)),
-    "AuthorizationPolicy": _obj({
-        "service": _name,
-        "action": _enum("allow", "deny"),
-        "rules": _list(_obj({"source": _name, "path": _string_match(allow_present=False),
-                             "methods": _methods}), min_len=1),
-    }, required=("service", "action", "rules")),
-    "MeshConfig": _obj({
-        "trust_domain": _str,
-        "cert_ttl_hours": _num(0.1, 24 * 366),
-        "defaults": _obj({
-            "timeout": _num(0.001, 86400),
+    "Service": _obj(
+        {
+            "protocol": _enum("http"),
+            "port": _int(1, 65535),
+            "hosts": _list(_str),
+            "dependencies": _list(_name),
+        }
+    ),
+    "Route": _obj(
+        {"service": _name, "rules": _list(_RULE, min_len=1)}, required=("service", "rules")
+    ),
+    "DestinationPolicy": _obj(
+        {
+            "service": _name,
+            "subsets": _map(_obj({"version": _str}, required=("version",)), key=_name),
+            "lb": _enum(*LB_POLICIES),
+            "hash_header": _str,
             "connect_timeout": _num(0.001, 600),
-            "inbound_timeout": _num(0.001, 86400),
-            "retries": _RETRIES,
-        }),
-    }),
+            "connection_limits": _obj(
+                {
+                    "max_connections": _int(1, 1 << 30),
+                    "max_pending": _int(0, 1 << 30),
+                    "max_requests": _int(1, 1 << 30),
+                    "max_requests_per_connection": _int(0, 1 << 30),
+                }
+            ),
+            "outlier": _obj(
+                {
+                    "consecutive_5xx": _int(1, 1 << 30),
+                    "base_ejection_seconds": _num(0.001, 86400),
+                    "max_ejection_seconds": _num(0.001, 86400),
+                    "max_ejection_percent": _int(0, 100),
+                }
+            ),
+            "retry_budget": _obj(
+                {
+                    "ratio": _num(0, 100),
+                    "min_per_second": _num(0, 1e6),
+                    "window_seconds": _num(0.1, 3600),
+                }
+            ),
+            "mtls": _enum(*MTLS_MODES),
+        },
+        required=("service",),
+    ),
+    "AuthorizationPolicy": _obj(
+        {
+            "service": _name,
+            "action": _enum("allow", "deny"),
+            "rules": _list(
+                _obj(
+                    {
+                        "source": _name,
+                        "path": _string_match(allow_present=False),
+                        "methods": _methods,
+                    }
+                ),
+                min_len=1,
+            ),
+        },
+        required=("service", "action", "rules"),
+    ),
+    "MeshConfig": _obj(
+        {
+            "trust_domain": _str,
+            "cert_ttl_hours": _num(0.1, 24 * 366),
+            "defaults": _obj(
+                {
+                    "timeout": _num(0.001, 86400),
+                    "connect_timeout": _num(0.001, 600),
+                    "inbound_timeout": _num(0.001, 86400),
+                    "retries": _RETRIES,
+                }
+            ),
+        }
+    ),
 }
 
 
@@ -326,8 +391,7 @@ SPECS: dict[str, Check] = {
 def parse_resource(doc: Any, where: str) -> Resource:
     """One document `{kind, name, spec}` -> Resource. `where` prefixes every error."""
     if not isinstance(doc, Mapping):
-        raise ConfigError(f"{where}: expected a mapping with kind, name and spec, "
-                          f"got {_kind(doc)}")
+        raise ConfigError(f"{where}: expected a mapping with kind, name and spec, got {_kind(doc)}")
     kind = doc.get("kind")
     if kind not in SPECS:
         raise ConfigError(f"{where}: kind: {kind!r} is not one of {', '.join(KINDS)}")
@@ -341,8 +405,9 @@ def parse_resource(doc: Any, where: str) -> Resource:
     ref = f"{where}: {kind}/{name}"
     unknown = sorted(str(k) for k in doc if k not in ("kind", "name", "spec"))
     if unknown:
-        raise ConfigError(f"{ref}: unknown field(s) {', '.join(unknown)} "
-                          "(allowed: kind, name, spec)")
+        raise ConfigError(
+            f"{ref}: unknown field(s) {', '.join(unknown)} (allowed: kind, name, spec)"
+        )
     if kind == "MeshConfig" and name != "default":
         raise ConfigError(f"{ref}: name: a MeshConfig must be named 'default'")
     spec_value = doc.get("spec")
@@ -401,8 +466,7 @@ def load_paths(paths: Iterable[str | Path]) -> list[Resource]:
     seen: dict[tuple[str, str], Resource] = {}
     for r in resources:
         if r.key in seen:
-            raise ConfigError(f"{r.source}: {r.ref}: defined twice (also in "
-                              f"{seen[r.key].source})")
+            raise ConfigError(f"{r.source}: {r.ref}: defined twice (also in {seen[r.key].source})")
         seen[r.key] = r
     return resources
 
@@ -455,8 +519,10 @@ def validate_set(resources: ResourceSet) -> None:
             for i, h in enumerate([r.name, *spec.get("hosts", [])]):
                 other = hosts.setdefault(h.lower(), r.name)
                 if other != r.name:
-                    errors.append(f"{where(r)}: spec.hosts[{i - 1}]: host {h!r} is already "
-                                  f"served by Service/{other}")
+                    errors.append(
+                        f"{where(r)}: spec.hosts[{i - 1}]: host {h!r} is already "
+                        f"served by Service/{other}"
+                    )
             for i, dep in enumerate(spec.get("dependencies", [])):
                 need_service(r, f"spec.dependencies[{i}]", dep)
             continue
@@ -467,8 +533,10 @@ def validate_set(resources: ResourceSet) -> None:
         if r.kind in ("Route", "DestinationPolicy"):
             owner = owners.setdefault((r.kind, spec["service"]), r.name)
             if owner != r.name:
-                errors.append(f"{where(r)}: spec.service: Service {spec['service']!r} already "
-                              f"has {r.kind}/{owner} (one per service)")
+                errors.append(
+                    f"{where(r)}: spec.service: Service {spec['service']!r} already "
+                    f"has {r.kind}/{owner} (one per service)"
+                )
         if r.kind == "DestinationPolicy":
             if spec.get("lb") == "hash" and "hash_header" not in spec:
                 errors.append(f"{where(r)}: spec.hash_header: required with lb: hash")
@@ -482,12 +550,14 @@ def validate_set(resources: ResourceSet) -> None:
                     if subsets is None:
                         errors.append(
                             f"{where(r)}: spec.rules[{i}].split.{subset}: Service "
-                            f"{spec['service']!r} has no DestinationPolicy defining subsets")
+                            f"{spec['service']!r} has no DestinationPolicy defining subsets"
+                        )
                     elif subset not in subsets:
                         errors.append(
                             f"{where(r)}: spec.rules[{i}].split.{subset}: subset {subset!r} is "
                             f"not defined by the DestinationPolicy of {spec['service']!r} "
-                            f"(has: {', '.join(subsets) or 'none'})")
+                            f"(has: {', '.join(subsets) or 'none'})"
+                        )
         elif r.kind == "AuthorizationPolicy":
             for i, rule in enumerate(spec["rules"]):
                 if "source" in rule:
@@ -540,8 +610,9 @@ def _short(v: Any) -> str:
 def encode_set(resources: ResourceSet, note: str = "") -> bytes:
     """Canonical JSON of a whole set: what one KV revision holds."""
     items = [r.to_dict() for r in sorted(resources.values(), key=lambda r: r.key)]
-    return json.dumps({"note": note, "resources": items}, sort_keys=True,
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"note": note, "resources": items}, sort_keys=True, separators=(",", ":")
+    ).encode()
 
 
 def decode_set(data: bytes) -> tuple[ResourceSet, str]:

@@ -53,7 +53,8 @@ class Store:
         except KVConflict:
             raise ConfigError(
                 f"the configuration changed while this command ran (it read revision {base}); "
-                "nothing was written: run it again") from None
+                "nothing was written: run it again"
+            ) from None
 
     async def history(self) -> list[Revision]:
         out = []

@@ -115,15 +115,30 @@ class ClientSync:
     _pending: Apply | None = None
 
     def hello(self, reason: str = "start") -> SnapshotRequest:
-        return SnapshotRequest(instance=self.instance, service=self.service, label=self.label,
-                               address=self.address, admin=self.admin, have=self.version,
-                               reason=reason)
+        return SnapshotRequest(
+            instance=self.instance,
+            service=self.service,
+            label=self.label,
+            address=self.address,
+            admin=self.admin,
+            have=self.version,
+            reason=reason,
+        )
 
     def heartbeat(self, interval: float, leaving: bool = False) -> ConfigHeartbeat:
-        return ConfigHeartbeat(instance=self.instance, service=self.service, label=self.label,
-                               address=self.address, admin=self.admin, acked=self.version,
-                               nacked=self.nacked, reason=self.reason, resyncs=self.resyncs,
-                               interval=interval, leaving=leaving)
+        return ConfigHeartbeat(
+            instance=self.instance,
+            service=self.service,
+            label=self.label,
+            address=self.address,
+            admin=self.admin,
+            acked=self.version,
+            nacked=self.nacked,
+            reason=self.reason,
+            resyncs=self.resyncs,
+            interval=interval,
+            leaving=leaving,
+        )
 
     def on_push(self, push: SnapshotPush) -> Action:
         if push.instance and push.instance != self.instance:
@@ -160,8 +175,14 @@ class ClientSync:
             self.applied_count += 1
         else:
             self.nacked, self.reason = action.version, error
-        return ConfigAck(instance=self.instance, service=self.service, version=action.version,
-                         nonce=action.nonce, ok=error is None, reason=error or "")
+        return ConfigAck(
+            instance=self.instance,
+            service=self.service,
+            version=action.version,
+            nonce=action.nonce,
+            ok=error is None,
+            reason=error or "",
+        )
 
 
 # --- the control-plane side ----------------------------------------------------------------
@@ -219,8 +240,9 @@ class ServerSync:
         p = self.peers.get(m.instance)
         key = (m.service, m.label, m.address)
         if p is None:
-            self.peers[m.instance] = Peer(m.instance, m.service, m.label, m.address, m.admin,
-                                          interval, now)
+            self.peers[m.instance] = Peer(
+                m.instance, m.service, m.label, m.address, m.admin, interval, now
+            )
             return bool(m.address)  # a pure client adds no endpoint
         changed = (p.service, p.label, p.address) != key
         p.service, p.label, p.address, p.admin = m.service, m.label, m.address, m.admin
@@ -229,8 +251,9 @@ class ServerSync:
 
     def on_request(self, req: SnapshotRequest, now: float) -> bool:
         """A sidecar asked for a full snapshot; True if the registry changed."""
-        changed = self._touch(req, now, self.peers[req.instance].interval
-                              if req.instance in self.peers else 1.0)
+        changed = self._touch(
+            req, now, self.peers[req.instance].interval if req.instance in self.peers else 1.0
+        )
         self.peers[req.instance].sent_at = now
         return changed
 
@@ -239,8 +262,15 @@ class ServerSync:
         if state is None:
             return None
         c = state.compiled
-        return SnapshotPush(service=service, version=c.version, base="", nonce=new_nonce(),
-                            full=True, body=c.snapshot, instance=instance)
+        return SnapshotPush(
+            service=service,
+            version=c.version,
+            base="",
+            nonce=new_nonce(),
+            full=True,
+            body=c.snapshot,
+            instance=instance,
+        )
 
     def on_heartbeat(self, hb: ConfigHeartbeat, now: float) -> tuple[bool, SnapshotPush | None]:
         """Returns (registry changed, a full snapshot to send to this sidecar or None).
@@ -257,8 +287,11 @@ class ServerSync:
         if state is None or changed:
             return changed, None
         current = state.compiled.version
-        if (hb.acked == current or hb.nacked == current
-                or now - max(p.sent_at, state.pushed_at) < self.resend_after):
+        if (
+            hb.acked == current
+            or hb.nacked == current
+            or now - max(p.sent_at, state.pushed_at) < self.resend_after
+        ):
             return False, None  # in step, refused it, or a push to it may be in flight
         p.sent_at = now
         return False, self.full_for(hb.service, hb.instance)
@@ -275,16 +308,20 @@ class ServerSync:
 
     def expire(self, now: float) -> bool:
         """Forget sidecars not heard from in expiry_factor heartbeats; True if any went."""
-        gone = [i for i, p in self.peers.items()
-                if now - p.last_seen > self.expiry_factor * p.interval + self.expiry_slack]
+        gone = [
+            i
+            for i, p in self.peers.items()
+            if now - p.last_seen > self.expiry_factor * p.interval + self.expiry_slack
+        ]
         for i in gone:
             del self.peers[i]
         return bool(gone)
 
     # snapshots ---------------------------------------------------------
 
-    def update(self, compiled: dict[str, Compiled], *, prune: bool = True, now: float = 0.0
-               ) -> list[SnapshotPush]:
+    def update(
+        self, compiled: dict[str, Compiled], *, prune: bool = True, now: float = 0.0
+    ) -> list[SnapshotPush]:
         """New compiled snapshots; returns the pushes (deltas; nothing for a new service, whose
         sidecars ask for a full snapshot). `prune` forgets services not in `compiled`."""
         pushes: list[SnapshotPush] = []
@@ -299,8 +336,16 @@ class ServerSync:
             state.previous, state.compiled, state.nonce = old, c, new_nonce()
             state.pushed_at = now
             delta = make_delta(old.snapshot, c.snapshot)
-            pushes.append(SnapshotPush(service=service, version=c.version, base=old.version,
-                                       nonce=state.nonce, full=False, body=delta))
+            pushes.append(
+                SnapshotPush(
+                    service=service,
+                    version=c.version,
+                    base=old.version,
+                    nonce=state.nonce,
+                    full=False,
+                    body=delta,
+                )
+            )
         for service in [s for s in self.services if prune and s not in compiled]:
             del self.services[service]
         return pushes
@@ -317,10 +362,19 @@ class ServerSync:
             else:
                 status = STALE
                 reason = f"has {p.acked or 'nothing'}, current is {current or 'not compiled'}"
-            rows.append({
-                "service": p.service, "instance": p.instance, "version": p.label,
-                "acked": p.acked, "current": current, "status": status, "reason": reason,
-                "last_seen_s": round(now - p.last_seen, 1), "address": p.address,
-                "admin": p.admin, "resyncs": p.resyncs,
-            })
+            rows.append(
+                {
+                    "service": p.service,
+                    "instance": p.instance,
+                    "version": p.label,
+                    "acked": p.acked,
+                    "current": current,
+                    "status": status,
+                    "reason": reason,
+                    "last_seen_s": round(now - p.last_seen, 1),
+                    "address": p.address,
+                    "admin": p.admin,
+                    "resyncs": p.resyncs,
+                }
+            )
         return rows

@@ -35,9 +35,17 @@ def default_instance(service: str, label: str) -> str:
 
 
 class SyncClient:
-    def __init__(self, servers: Sequence[str], state: ClientSync, apply: Applier, *,
-                 heartbeat: float = 1.0, request_timeout: float = 3.0,
-                 initial_wait: float = 5.0, connect_timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        servers: Sequence[str],
+        state: ClientSync,
+        apply: Applier,
+        *,
+        heartbeat: float = 1.0,
+        request_timeout: float = 3.0,
+        initial_wait: float = 5.0,
+        connect_timeout: float = 2.0,
+    ) -> None:
         self.servers = list(servers)
         self.state = state
         self._apply = apply
@@ -49,8 +57,7 @@ class SyncClient:
         self.connected = False
         self._bus: Bus | None = None
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                  ) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reports started once the first snapshot is applied (or refused), or after
         `initial_wait` seconds without a control plane; then keeps syncing until cancelled."""
         async with trio.open_nursery() as nursery:
@@ -58,22 +65,29 @@ class SyncClient:
             with trio.move_on_after(self.initial_wait):
                 await self.first.wait()
             if not self.first.is_set():
-                log.warning("no snapshot from the control plane within %.1f s; serving with "
-                            "what this sidecar has and retrying", self.initial_wait)
+                log.warning(
+                    "no snapshot from the control plane within %.1f s; serving with "
+                    "what this sidecar has and retrying",
+                    self.initial_wait,
+                )
             task_status.started()
 
     async def _forever(self) -> None:
         delay = 0.1
         while True:
             try:
-                async with connect(self.servers, name=f"sidecar-{self.state.instance}",
-                                   connect_timeout=self.connect_timeout) as bus:
+                async with connect(
+                    self.servers,
+                    name=f"sidecar-{self.state.instance}",
+                    connect_timeout=self.connect_timeout,
+                ) as bus:
                     self.connected = True
                     delay = 0.1
                     await self._session(bus)
             except MeshError as exc:
-                log.warning("config sync: %s; keeping version %s", exc,
-                            self.state.version or "(none)")
+                log.warning(
+                    "config sync: %s; keeping version %s", exc, self.state.version or "(none)"
+                )
             finally:
                 self.connected = False
             await trio.sleep(delay)
@@ -82,8 +96,9 @@ class SyncClient:
     async def _session(self, bus: Bus) -> None:
         st = self.state
         async with (
-            bus.subscribe(subjects.config_push(st.service), capacity=64,
-                          overflow=Overflow.DROP_OLDEST) as pushes,
+            bus.subscribe(
+                subjects.config_push(st.service), capacity=64, overflow=Overflow.DROP_OLDEST
+            ) as pushes,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self._heartbeats, bus)
@@ -116,8 +131,12 @@ class SyncClient:
         if error is None:
             log.info("config version %s applied", action.version)
         else:
-            log.error("config version %s refused, keeping %s: %s", action.version,
-                      self.state.version or "(none)", error)
+            log.error(
+                "config version %s refused, keeping %s: %s",
+                action.version,
+                self.state.version or "(none)",
+                error,
+            )
         self.first.set()
         try:
             bus.publish_nowait(subjects.CONFIG_ACK, ack)
@@ -129,8 +148,12 @@ class SyncClient:
         delay = 0.2
         while True:
             try:
-                push = await bus.request(subjects.CONFIG_FULL, self.state.hello(reason),
-                                         SnapshotPush, timeout=self.request_timeout)
+                push = await bus.request(
+                    subjects.CONFIG_FULL,
+                    self.state.hello(reason),
+                    SnapshotPush,
+                    timeout=self.request_timeout,
+                )
             except MeshError as exc:
                 log.info("full snapshot request: %s; retrying", exc)
                 await trio.sleep(delay)
@@ -158,8 +181,9 @@ class SyncClient:
         if bus is None:
             return
         try:
-            bus.publish_nowait(subjects.CONFIG_HEARTBEAT,
-                               self.state.heartbeat(self.heartbeat, leaving=True))
+            bus.publish_nowait(
+                subjects.CONFIG_HEARTBEAT, self.state.heartbeat(self.heartbeat, leaving=True)
+            )
             await bus.flush(timeout=0.5)
         except MeshError as exc:
             log.debug("leaving message not sent: %s", exc)
@@ -167,5 +191,11 @@ class SyncClient:
 
 def describe(client: SyncClient) -> dict[str, Any]:
     st = client.state
-    return {"instance": st.instance, "connected": client.connected, "version": st.version,
-            "nacked": st.nacked, "reason": st.reason, "resyncs": st.resyncs}
+    return {
+        "instance": st.instance,
+        "connected": client.connected,
+        "version": st.version,
+        "nacked": st.nacked,
+        "reason": st.reason,
+        "resyncs": st.resyncs,
+    }

@@ -28,9 +28,16 @@ Change = Callable[[Revision], tuple[ResourceSet, str]]
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "apply", help="validate resource files, show the diff and apply them atomically")
-    p.add_argument("-f", "--file", action="append", required=True, metavar="FILE|DIR",
-                   help="a YAML file or a directory of them (repeatable)")
+        "apply", help="validate resource files, show the diff and apply them atomically"
+    )
+    p.add_argument(
+        "-f",
+        "--file",
+        action="append",
+        required=True,
+        metavar="FILE|DIR",
+        help="a YAML file or a directory of them (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate and show the diff only")
     p.add_argument("--note", default="", help="a note stored with the revision")
     add_wait_flag(p)
@@ -38,21 +45,31 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_apply)
 
     a: argparse.ArgumentParser = sub.add_parser(
-        "analyze", help="validate resource files (with what is stored) without applying")
+        "analyze", help="validate resource files (with what is stored) without applying"
+    )
     a.add_argument("-f", "--file", action="append", required=True, metavar="FILE|DIR")
-    a.add_argument("--offline", action="store_true",
-                   help="check the files alone, without reading the stored configuration")
+    a.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the files alone, without reading the stored configuration",
+    )
     add_nats_flag(a)
     a.set_defaults(func=cmd_analyze)
 
 
 def add_wait_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="after writing, wait until every sidecar has ACKed the new revision")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="after writing, wait until every sidecar has ACKed the new revision",
+    )
 
 
-async def change_config(args: argparse.Namespace, change: Change, *, dry_run: bool = False,
-                        out: Any = None) -> int:
+async def change_config(
+    args: argparse.Namespace, change: Change, *, dry_run: bool = False, out: Any = None
+) -> int:
     """Read the stored set, compute the new one, show the diff, CAS-write it; 0 on success."""
     out = out or sys.stdout
     async with connect(args.nats, name="mesh-cli", connect_timeout=3.0) as bus:
@@ -78,19 +95,25 @@ async def change_config(args: argparse.Namespace, change: Change, *, dry_run: bo
         return 0
 
 
-async def fetch_status(bus: Bus, timeout: float = 3.0, *, service: str = "",
-                       rows: bool = True) -> ConfigStatus:
+async def fetch_status(
+    bus: Bus, timeout: float = 3.0, *, service: str = "", rows: bool = True
+) -> ConfigStatus:
     """The control plane's status; every row, fetched page by page (rows=False: counts only)."""
     page = 1000 if rows else 0
-    st = await bus.request(subjects.CONFIG_STATUS,
-                           ConfigStatusRequest(service=service, limit=page), ConfigStatus,
-                           timeout=timeout)
+    st = await bus.request(
+        subjects.CONFIG_STATUS,
+        ConfigStatusRequest(service=service, limit=page),
+        ConfigStatus,
+        timeout=timeout,
+    )
     sidecars = list(st.sidecars)
     while rows and len(sidecars) < st.total:
         more = await bus.request(
             subjects.CONFIG_STATUS,
             ConfigStatusRequest(service=service, offset=len(sidecars), limit=page),
-            ConfigStatus, timeout=timeout)
+            ConfigStatus,
+            timeout=timeout,
+        )
         if not more.sidecars:
             break
         sidecars.extend(more.sidecars)
@@ -106,17 +129,24 @@ async def wait_synced(bus: Bus, revision: int, timeout: float, out: Any) -> None
                 last = await fetch_status(bus, timeout=min(2.0, timeout))
             except MeshError:
                 last = None
-            if (last is not None and last.revision >= revision
-                    and all(s["status"] == "SYNCED" for s in last.sidecars)):
-                print(f"synced: {len(last.sidecars)} sidecar(s) run revision {revision}",
-                      file=out)
+            if (
+                last is not None
+                and last.revision >= revision
+                and all(s["status"] == "SYNCED" for s in last.sidecars)
+            ):
+                print(f"synced: {len(last.sidecars)} sidecar(s) run revision {revision}", file=out)
                 return
             await trio.sleep(0.1)
-    behind = [f"{s['instance']} {s['status']} {s['reason']}".strip()
-              for s in (last.sidecars if last else []) if s["status"] != "SYNCED"]
-    raise ConfigError(f"revision {revision} was written, but not every sidecar ACKed it within "
-                      f"{timeout:g} s: {'; '.join(behind) or 'no answer from the control plane'}"
-                      " (see `mesh status`)")
+    behind = [
+        f"{s['instance']} {s['status']} {s['reason']}".strip()
+        for s in (last.sidecars if last else [])
+        if s["status"] != "SYNCED"
+    ]
+    raise ConfigError(
+        f"revision {revision} was written, but not every sidecar ACKed it within "
+        f"{timeout:g} s: {'; '.join(behind) or 'no answer from the control plane'}"
+        " (see `mesh status`)"
+    )
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -150,4 +180,3 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return 0
 
     return run_trio(main)
-

@@ -16,11 +16,17 @@ from mesh.resources_store import Revision, Store
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "get", help="show stored resources", description=f"KIND: {', '.join(KINDS)} or all")
+        "get", help="show stored resources", description=f"KIND: {', '.join(KINDS)} or all"
+    )
     p.add_argument("kind", help="resource kind (route, service, dp, authz, meshconfig, all)")
     p.add_argument("name", nargs="?", help="one resource")
-    p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default=None,
-                   help="default: a table for a list, YAML for one resource")
+    p.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "yaml", "json"),
+        default=None,
+        help="default: a table for a list, YAML for one resource",
+    )
     add_nats_flag(p)
     p.set_defaults(func=cmd_get)
 
@@ -51,8 +57,11 @@ def cmd_get(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with connect(args.nats, name="mesh-cli", connect_timeout=3.0) as bus:
             current = await (await Store.open(bus)).current()
-        chosen = [r for r in sorted(current.resources.values(), key=lambda r: r.key)
-                  if (kind is None or r.kind == kind) and (args.name is None or r.name == args.name)]
+        chosen = [
+            r
+            for r in sorted(current.resources.values(), key=lambda r: r.key)
+            if (kind is None or r.kind == kind) and (args.name is None or r.name == args.name)
+        ]
         if args.name is not None and not chosen:
             raise ConfigError(f"{kind}/{args.name} does not exist (revision {current.revision})")
         output = args.output or ("yaml" if args.name else "table")
@@ -74,8 +83,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
     def change(current: Revision) -> tuple[ResourceSet, str]:
         if (kind, args.name) not in current.resources:
-            raise ConfigError(f"{kind}/{args.name} does not exist "
-                              f"(revision {current.revision})")
+            raise ConfigError(f"{kind}/{args.name} does not exist (revision {current.revision})")
         new = {k: v for k, v in current.resources.items() if k != (kind, args.name)}
         return new, f"delete {kind}/{args.name}"
 

@@ -15,7 +15,8 @@ from mesh.resources_store import Revision, Store
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "rollback", help="restore an earlier configuration revision (default: the previous one)")
+        "rollback", help="restore an earlier configuration revision (default: the previous one)"
+    )
     p.add_argument("--to", type=int, metavar="REV", help="the revision to restore")
     p.add_argument("--list", action="store_true", help="list the revisions kept")
     add_wait_flag(p)

@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser("route", help="quick route changes")
     rsub = p.add_subparsers(dest="route_command", metavar="ACTION", required=True)
     w: argparse.ArgumentParser = rsub.add_parser(
-        "weights", help="set the split of SERVICE's catch-all rule, e.g. v1=95 v2=5")
+        "weights", help="set the split of SERVICE's catch-all rule, e.g. v1=95 v2=5"
+    )
     w.add_argument("service")
     w.add_argument("weights", nargs="+", metavar="SUBSET=WEIGHT")
     add_wait_flag(w)
@@ -40,8 +41,11 @@ def with_weights(resources: ResourceSet, service: str, split: dict[str, int]) ->
     `split`; a catch-all rule is appended if there is none, a Route created if needed."""
     route = route_for(resources, service)
     if route is None:
-        doc: dict[str, Any] = {"kind": "Route", "name": service,
-                               "spec": {"service": service, "rules": [{"split": split}]}}
+        doc: dict[str, Any] = {
+            "kind": "Route",
+            "name": service,
+            "spec": {"service": service, "rules": [{"split": split}]},
+        }
     else:
         doc = copy.deepcopy(route.to_dict())
         rules = doc["spec"]["rules"]

@@ -94,32 +94,65 @@ class Mesh:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs = Procs(tmp)
-        _, info = self.procs.spawn("nats", [*MESH, "nats", "--port", "0", "--state-dir",
-                                            str(tmp / "nats"), "--ready-line"])
+        _, info = self.procs.spawn(
+            "nats", [*MESH, "nats", "--port", "0", "--state-dir", str(tmp / "nats"), "--ready-line"]
+        )
         self.nats: str = info["urls"][0]
         self.start_controlplane()
         self.sidecars: dict[str, dict[str, Any]] = {}
         for version in ("v1", "v2"):
-            _, app = self.procs.spawn(f"app-{version}", [sys.executable, str(APP), "--name",
-                                                         version])
+            _, app = self.procs.spawn(
+                f"app-{version}", [sys.executable, str(APP), "--name", version]
+            )
             self.sidecar(f"reviews-{version}", "reviews", version, int(app["port"]))
         self.sidecar("productpage", "productpage", "v1", 9)  # a client only: no app behind
 
-    def start_controlplane(self) -> None:
-        self.cp, _ = self.procs.spawn("cp", [*MESH, "-v", "controlplane", "--nats", self.nats,
-                                             "--ready-line"])
+    def start_controlplane(self, replica: str = "cp-1") -> subprocess.Popen[bytes]:
+        cmd = [*MESH, "-v", "controlplane", "--nats", self.nats, "--replica", replica]
+        proc, _ = self.procs.spawn(replica if replica != "cp-1" else "cp", [*cmd, "--ready-line"])
+        if replica == "cp-1":
+            self.cp = proc
+        return proc
 
     def sidecar(self, name: str, service: str, version: str, app_port: int) -> dict[str, Any]:
-        _, info = self.procs.spawn(name, [
-            *MESH, "-v", "sidecar", "--service", service, "--version", version, "--app-port",
-            str(app_port), "--nats", self.nats, "--instance", name, "--heartbeat", "0.5",
-            "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"])
+        _, info = self.procs.spawn(
+            name,
+            [
+                *MESH,
+                "-v",
+                "sidecar",
+                "--service",
+                service,
+                "--version",
+                version,
+                "--app-port",
+                str(app_port),
+                "--nats",
+                self.nats,
+                "--instance",
+                name,
+                "--heartbeat",
+                "0.5",
+                "--outbound-port",
+                "0",
+                "--inbound-port",
+                "0",
+                "--admin-port",
+                "0",
+            ],
+        )
         self.sidecars[name] = info
         return info
 
     def mesh(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*MESH, *args, "--nats", self.nats], capture_output=True,
-                              text=True, timeout=timeout, cwd=ROOT, env=ENV)
+        return subprocess.run(
+            [*MESH, *args, "--nats", self.nats],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env=ENV,
+        )
 
     def ok(self, *args: str) -> str:
         res = self.mesh(*args)

@@ -26,10 +26,12 @@ from mesh.sync import (
     make_delta,
 )
 
-EPS = [Registration("reviews", "v1", "127.0.0.1:1001"),
-       Registration("reviews", "v2", "127.0.0.1:1002"),
-       Registration("reviews", "v3", "127.0.0.1:1003"),
-       Registration("productpage", "v1", "127.0.0.1:2001")]
+EPS = [
+    Registration("reviews", "v1", "127.0.0.1:1001"),
+    Registration("reviews", "v2", "127.0.0.1:1002"),
+    Registration("reviews", "v3", "127.0.0.1:1003"),
+    Registration("productpage", "v1", "127.0.0.1:2001"),
+]
 
 
 def test_compile_gives_each_service_only_what_it_needs() -> None:
@@ -42,7 +44,9 @@ def test_compile_gives_each_service_only_what_it_needs() -> None:
     cluster = snap.cluster("reviews")
     assert cluster is not None and cluster.lb == "least_request"
     assert [(n, [str(e) for e in eps]) for n, eps in cluster.subsets] == [
-        ("v1", ["127.0.0.1:1001"]), ("v2", ["127.0.0.1:1002"])]  # v3 is in no subset
+        ("v1", ["127.0.0.1:1001"]),
+        ("v2", ["127.0.0.1:1002"]),
+    ]  # v3 is in no subset
     assert cluster.circuit_breaker.max_requests == 100
     canary = snap.services[0].routes[1]
     assert canary.split == (("v1", 95), ("v2", 5)) and canary.timeout == 2
@@ -65,8 +69,11 @@ def test_versions_are_content_digests() -> None:
     assert {k: v.version for k, v in a.items()} == {k: v.version for k, v in b.items()}
     # a change to productpage's own inbound policy does not touch reviews' snapshot? it does
     # not: reviews' sidecars see only productpage's routes, which did not change
-    deny = parse_text("kind: AuthorizationPolicy\nname: pp\nspec: {service: productpage, "
-                      "action: deny, rules: [{path: {prefix: /admin}}]}", "x.yaml")
+    deny = parse_text(
+        "kind: AuthorizationPolicy\nname: pp\nspec: {service: productpage, "
+        "action: deny, rules: [{path: {prefix: /admin}}]}",
+        "x.yaml",
+    )
     c = compile_all(merged(resources, deny), EPS, ["productpage", "reviews"])
     assert c["reviews"].version == a["reviews"].version
     assert c["productpage"].version != a["productpage"].version
@@ -80,22 +87,32 @@ def snapshot_dicts() -> st.SearchStrategy[dict[str, Any]]:
     def build(services: list[str], weights: list[int], limits: int) -> dict[str, Any]:
         svcs = sorted(set(services))
         return {
-            "version": "x", "service": "me",
+            "version": "x",
+            "service": "me",
             "limits": {"max_header_bytes": limits},
-            "services": [{"name": s, "routes": [{"split": {"v1": w + 1}}]}
-                         for s, w in zip(svcs, weights, strict=False)],
-            "clusters": [{"name": s, "subsets": {"v1": [f"127.0.0.1:{1000 + w}"]}}
-                         for s, w in zip(svcs, weights, strict=False)],
+            "services": [
+                {"name": s, "routes": [{"split": {"v1": w + 1}}]}
+                for s, w in zip(svcs, weights, strict=False)
+            ],
+            "clusters": [
+                {"name": s, "subsets": {"v1": [f"127.0.0.1:{1000 + w}"]}}
+                for s, w in zip(svcs, weights, strict=False)
+            ],
         }
-    return st.builds(build, st.lists(names, max_size=4), st.lists(st.integers(0, 5), min_size=4,
-                                                                   max_size=4),
-                     st.sampled_from([1024, 2048]))
+
+    return st.builds(
+        build,
+        st.lists(names, max_size=4),
+        st.lists(st.integers(0, 5), min_size=4, max_size=4),
+        st.sampled_from([1024, 2048]),
+    )
 
 
 @settings(max_examples=200, deadline=None)
 @given(snapshot_dicts(), snapshot_dicts())
-def test_apply_delta_of_make_delta_is_the_new_snapshot(old: dict[str, Any],
-                                                       new: dict[str, Any]) -> None:
+def test_apply_delta_of_make_delta_is_the_new_snapshot(
+    old: dict[str, Any], new: dict[str, Any]
+) -> None:
     delta = make_delta(old, new)
     got = apply_delta(old, delta, "v9")
 
@@ -109,13 +126,19 @@ def test_apply_delta_of_make_delta_is_the_new_snapshot(old: dict[str, Any],
 
 
 def client() -> ClientSync:
-    return ClientSync(instance="pp-1", service="productpage", label="v1",
-                      address="127.0.0.1:1", admin="127.0.0.1:2")
+    return ClientSync(
+        instance="pp-1",
+        service="productpage",
+        label="v1",
+        address="127.0.0.1:1",
+        admin="127.0.0.1:2",
+    )
 
 
 def full(version: str, body: dict[str, Any]) -> SnapshotPush:
-    return SnapshotPush(service="productpage", version=version, base="", nonce="n" + version,
-                        full=True, body=body)
+    return SnapshotPush(
+        service="productpage", version=version, base="", nonce="n" + version, full=True, body=body
+    )
 
 
 def test_client_applies_full_then_deltas_and_acks_with_the_nonce() -> None:
@@ -126,39 +149,66 @@ def test_client_applies_full_then_deltas_and_acks_with_the_nonce() -> None:
     ack = c.applied(None)
     assert (ack.ok, ack.version, ack.nonce) == (True, "a", "na") and c.version == "a"
     s2 = {"version": "b", "services": [{"name": "x", "routes": []}]}
-    delta = SnapshotPush(service="productpage", version="b", base="a", nonce="nb", full=False,
-                         body=make_delta(s1, s2))
+    delta = SnapshotPush(
+        service="productpage",
+        version="b",
+        base="a",
+        nonce="nb",
+        full=False,
+        body=make_delta(s1, s2),
+    )
     act = c.on_push(delta)
     assert isinstance(act, Apply) and act.snapshot["services"] == s2["services"]
     ack = c.applied("services[0].routes: refused")
-    assert (ack.ok, ack.reason, c.version, c.nacked) == (False, "services[0].routes: refused",
-                                                         "a", "b")
+    assert (ack.ok, ack.reason, c.version, c.nacked) == (
+        False,
+        "services[0].routes: refused",
+        "a",
+        "b",
+    )
     assert isinstance(c.on_push(delta), Ignore)  # the same refused version again
     # a delta on a base this sidecar does not have: keep the old one, ask for a full snapshot
-    gap = SnapshotPush(service="productpage", version="c", base="b", nonce="nc", full=False,
-                       body={})
+    gap = SnapshotPush(
+        service="productpage", version="c", base="b", nonce="nc", full=False, body={}
+    )
     act = c.on_push(gap)
     assert isinstance(act, RequestFull) and "gap: have a" in act.reason and c.resyncs == 1
     assert c.version == "a"
     assert isinstance(c.on_push(full("a", s1)), Ignore)  # already there
-    other = SnapshotPush(service="productpage", version="z", base="", nonce="", full=True,
-                         body={}, instance="pp-2")
+    other = SnapshotPush(
+        service="productpage", version="z", base="", nonce="", full=True, body={}, instance="pp-2"
+    )
     assert isinstance(c.on_push(other), Ignore)
     hb = c.heartbeat(1.0)
     assert (hb.acked, hb.nacked, hb.resyncs) == ("a", "b", 1)
 
 
-def hb(instance: str, acked: str = "", nacked: str = "", address: str = "127.0.0.1:1",
-       service: str = "reviews", label: str = "v1") -> ConfigHeartbeat:
-    return ConfigHeartbeat(instance=instance, service=service, label=label, address=address,
-                           acked=acked, nacked=nacked, reason="bad" if nacked else "")
+def hb(
+    instance: str,
+    acked: str = "",
+    nacked: str = "",
+    address: str = "127.0.0.1:1",
+    service: str = "reviews",
+    label: str = "v1",
+) -> ConfigHeartbeat:
+    return ConfigHeartbeat(
+        instance=instance,
+        service=service,
+        label=label,
+        address=address,
+        acked=acked,
+        nacked=nacked,
+        reason="bad" if nacked else "",
+    )
 
 
 def test_server_books_pushes_status_and_healing() -> None:
     resources = as_set(GOOD)
     s = ServerSync()
-    assert s.on_request(SnapshotRequest(instance="r1", service="reviews", label="v1",
-                                        address="127.0.0.1:1001"), now=0.0)
+    assert s.on_request(
+        SnapshotRequest(instance="r1", service="reviews", label="v1", address="127.0.0.1:1001"),
+        now=0.0,
+    )
     s.on_heartbeat(hb("r2", label="v2", address="127.0.0.1:1002"), now=0.0)
     assert s.update(compile_all(resources, s.registrations(), s.wanted_services())) == []
     first = s.full_for("reviews")
@@ -171,29 +221,36 @@ def test_server_books_pushes_status_and_healing() -> None:
     changed, push = s.on_heartbeat(hb("r2", label="v2", address="127.0.0.1:1002"), now=3.0)
     assert not changed and push is not None and push.instance == "r2" and push.full
     # ...but not again right away
-    assert s.on_heartbeat(hb("r2", label="v2", address="127.0.0.1:1002"), now=3.5) == (False,
-                                                                                         None)
+    assert s.on_heartbeat(hb("r2", label="v2", address="127.0.0.1:1002"), now=3.5) == (False, None)
     # a change gives one delta per changed service, based on the previous version
-    dp = parse_text("kind: DestinationPolicy\nname: reviews\nspec: {service: reviews, subsets: "
-                    "{v1: {version: v1}, v2: {version: v2}}, lb: hash, hash_header: x-user}",
-                    "dp.yaml")
+    dp = parse_text(
+        "kind: DestinationPolicy\nname: reviews\nspec: {service: reviews, subsets: "
+        "{v1: {version: v1}, v2: {version: v2}}, lb: hash, hash_header: x-user}",
+        "dp.yaml",
+    )
     pushes = s.update(compile_all(merged(resources, dp), s.registrations(), s.wanted_services()))
     assert len(pushes) == 1 and pushes[0].base == v1 and not pushes[0].full
     v2 = pushes[0].version
     from mesh.messages import ConfigAck
+
     s.on_ack(ConfigAck(instance="r1", service="reviews", version=v2, nonce="", ok=True), 4.0)
-    s.on_ack(ConfigAck(instance="r2", service="reviews", version=v2, nonce="", ok=False,
-                       reason="no"), 4.0)
+    s.on_ack(
+        ConfigAck(instance="r2", service="reviews", version=v2, nonce="", ok=False, reason="no"),
+        4.0,
+    )
     rows = {r["instance"]: r for r in s.status(4.0)}
     assert rows["r1"]["status"] == SYNCED
     assert rows["r2"]["status"] == NACKED and rows["r2"]["reason"] == f"refused {v2}: no"
     # a NACKed sidecar is not flooded with the version it refused
-    assert s.on_heartbeat(hb("r2", label="v2", address="127.0.0.1:1002", nacked=v2),
-                          now=9.0) == (False, None)
+    assert s.on_heartbeat(hb("r2", label="v2", address="127.0.0.1:1002", nacked=v2), now=9.0) == (
+        False,
+        None,
+    )
     # silence expires a sidecar (its endpoint leaves the registry); leaving is immediate
     assert s.expire(now=9.5) and "r1" not in s.peers
-    assert s.on_heartbeat(ConfigHeartbeat(instance="r2", service="reviews", label="v2",
-                                          leaving=True), now=9.6) == (True, None)
+    assert s.on_heartbeat(
+        ConfigHeartbeat(instance="r2", service="reviews", label="v2", leaving=True), now=9.6
+    ) == (True, None)
     assert s.registrations() == []
 
 
@@ -240,12 +297,15 @@ def test_no_heal_while_a_delta_may_be_in_flight() -> None:
     s.on_heartbeat(hb("r1", address="127.0.0.1:1001"), now=0.0)
     s.update(compile_all(resources, s.registrations(), s.wanted_services()), now=0.0)
     v1 = s.services["reviews"].compiled.version
-    dp = parse_text("kind: DestinationPolicy\nname: reviews\nspec: {service: reviews, subsets: "
-                    "{v1: {version: v1}, v2: {version: v2}}, lb: least_request}", "dp.yaml")
-    (push,) = s.update(compile_all(merged(resources, dp), s.registrations(),
-                                   s.wanted_services()), now=10.0)
+    dp = parse_text(
+        "kind: DestinationPolicy\nname: reviews\nspec: {service: reviews, subsets: "
+        "{v1: {version: v1}, v2: {version: v2}}, lb: least_request}",
+        "dp.yaml",
+    )
+    (push,) = s.update(
+        compile_all(merged(resources, dp), s.registrations(), s.wanted_services()), now=10.0
+    )
     # the sidecar's heartbeat still says v1: the delta is on its way, no full snapshot yet
-    assert s.on_heartbeat(hb("r1", acked=v1, address="127.0.0.1:1001"), now=10.5) == (False,
-                                                                                       None)
+    assert s.on_heartbeat(hb("r1", acked=v1, address="127.0.0.1:1001"), now=10.5) == (False, None)
     _, heal = s.on_heartbeat(hb("r1", acked=v1, address="127.0.0.1:1001"), now=12.5)
     assert heal is not None and heal.version == push.version and heal.instance == "r1"

@@ -76,18 +76,24 @@ def test_an_invalid_file_names_the_error_and_changes_nothing(mesh: Mesh, tmp: Pa
     revision = apply_base(mesh, tmp)
     before = mesh.ok("get", "route", "reviews", "-o", "json")
     bad = tmp / "bad.yaml"
-    bad.write_text(BASE.replace("split: {v1: 100}", "split: {v1: 50, v3: 50}")
-                   + "---\nkind: Service\nname: ratings\nspec: {port: http}\n")
+    bad.write_text(
+        BASE.replace("split: {v1: 100}", "split: {v1: 50, v3: 50}")
+        + "---\nkind: Service\nname: ratings\nspec: {port: http}\n"
+    )
     res = mesh.mesh("apply", "-f", str(bad))
     assert res.returncode == 1 and "Traceback" not in res.stderr
-    assert res.stderr == (f"mesh apply: error: {bad} (document 5): Service/ratings: spec.port: "
-                          "expected an integer, got a string\n")
+    assert res.stderr == (
+        f"mesh apply: error: {bad} (document 5): Service/ratings: spec.port: "
+        "expected an integer, got a string\n"
+    )
     bad.write_text(BASE.replace("split: {v1: 100}", "split: {v1: 50, v3: 50}"))
     res = mesh.mesh("apply", "-f", str(bad))
     assert res.returncode == 1
-    assert res.stderr == (f"mesh apply: error: {bad} (document 4): Route/reviews: "
-                          "spec.rules[1].split.v3: subset 'v3' is not defined by the "
-                          "DestinationPolicy of 'reviews' (has: v1, v2)\n")
+    assert res.stderr == (
+        f"mesh apply: error: {bad} (document 4): Route/reviews: "
+        "spec.rules[1].split.v3: subset 'v3' is not defined by the "
+        "DestinationPolicy of 'reviews' (has: v1, v2)\n"
+    )
     res = mesh.mesh("analyze", "-f", str(bad))
     assert res.returncode == 1 and "split.v3: subset 'v3'" in res.stderr
     assert mesh.ok("get", "route", "reviews", "-o", "json") == before
@@ -96,22 +102,29 @@ def test_an_invalid_file_names_the_error_and_changes_nothing(mesh: Mesh, tmp: Pa
 
 
 def test_a_config_the_sidecar_cannot_load_is_nacked_and_the_old_one_kept(
-        mesh: Mesh, tmp: Path) -> None:
+    mesh: Mesh, tmp: Path
+) -> None:
     apply_base(mesh, tmp)
     current = mesh.rows()["productpage"]["acked"]
     # A delta on the right base whose result the sidecar refuses: a split to a subset its
     # cluster lacks (the control plane would never compile this; a buggy one might).
     bad_route = {"name": "main", "match": {}, "cluster": "reviews", "split": {"v9": 1}}
-    delta = {"upsert": {"services": [{"name": "reviews", "hosts": ["reviews"],
-                                      "routes": [bad_route]}]}}
-    mesh.publish(subjects.config_push("productpage"), SnapshotPush(
-        service="productpage", version="bad-1", base=current, nonce="n1", full=False,
-        body=delta))
+    delta = {
+        "upsert": {"services": [{"name": "reviews", "hosts": ["reviews"], "routes": [bad_route]}]}
+    }
+    mesh.publish(
+        subjects.config_push("productpage"),
+        SnapshotPush(
+            service="productpage", version="bad-1", base=current, nonce="n1", full=False, body=delta
+        ),
+    )
     mesh.wait_for("NACKED", lambda: mesh.rows()["productpage"]["status"] == "NACKED")
     row = mesh.rows()["productpage"]
     assert row["acked"] == current
-    assert row["reason"] == ("refused bad-1: services[0].routes[0].split.v9: subset 'v9' not in "
-                             "cluster 'reviews' (has: v1, v2)")
+    assert row["reason"] == (
+        "refused bad-1: services[0].routes[0].split.v9: subset 'v9' not in "
+        "cluster 'reviews' (has: v1, v2)"
+    )
     assert "NACKED" in mesh.ok("status") and "subset 'v9'" in mesh.ok("status")
     assert mesh.traffic(20) == {"v1": 20}  # still serving the last good snapshot
     # the next real change heals it
@@ -123,9 +136,17 @@ def test_a_config_the_sidecar_cannot_load_is_nacked_and_the_old_one_kept(
 def test_a_delta_with_a_wrong_base_triggers_a_full_resync(mesh: Mesh, tmp: Path) -> None:
     apply_base(mesh, tmp)
     row = mesh.rows()["productpage"]
-    mesh.publish(subjects.config_push("productpage"), SnapshotPush(
-        service="productpage", version="other", base="not-what-it-has", nonce="n2", full=False,
-        body={"set": {"limits": {"max_header_bytes": 300}}}))
+    mesh.publish(
+        subjects.config_push("productpage"),
+        SnapshotPush(
+            service="productpage",
+            version="other",
+            base="not-what-it-has",
+            nonce="n2",
+            full=False,
+            body={"set": {"limits": {"max_header_bytes": 300}}},
+        ),
+    )
     mesh.wait_for("a resync", lambda: mesh.rows()["productpage"]["resyncs"] == row["resyncs"] + 1)
     assert mesh.rows()["productpage"]["acked"] == row["acked"]
     assert mesh.rows()["productpage"]["status"] == "SYNCED"
@@ -158,8 +179,10 @@ def test_traffic_survives_the_control_plane_and_sidecars_resync(mesh: Mesh, tmp:
     assert "applied: revision" in mesh.ok("apply", "-f", str(tmp / "canary.yaml"))
     assert mesh.traffic(50) == {"v1": 50}
     mesh.start_controlplane()
-    mesh.wait_for("resync", lambda: {r["status"] for r in mesh.rows().values()} == {"SYNCED"}
-                  and len(mesh.rows()) == 3)
+    mesh.wait_for(
+        "resync",
+        lambda: {r["status"] for r in mesh.rows().values()} == {"SYNCED"} and len(mesh.rows()) == 3,
+    )
     assert mesh.traffic(30) == {"v2": 30}
 
 

@@ -80,30 +80,50 @@ def test_a_full_example_is_valid_and_round_trips() -> None:
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        ("kind: Route\nname: r\nspec: {service: reviews, rules: [{split: {v1: 1}, retry: {}}]}",
-         "f.yaml: Route/r: spec.rules[0]: unknown field(s) retry (allowed: name, match, split, "
-         "timeout, retries, fault)"),
-        ("kind: Route\nname: r\nspec: {service: reviews, rules: [{timeout: fast}]}",
-         "f.yaml: Route/r: spec.rules[0].timeout: expected a number, got a string"),
-        ("kind: Route\nname: r\nspec: {service: reviews, rules: []}",
-         "f.yaml: Route/r: spec.rules: needs at least 1 item(s)"),
-        ("kind: Route\nname: r\nspec: {service: reviews, rules: [{split: {v1: 0}}]}",
-         "f.yaml: Route/r: spec.rules[0].split: weights must add up to more than 0"),
-        ("kind: Route\nname: r\nspec: {service: reviews, rules: [{match: {path: {regex: '('}}}]}",
-         "f.yaml: Route/r: spec.rules[0].match.path.regex: invalid regular expression"),
-        ("kind: Route\nname: r\nspec: {rules: [{}]}",
-         "f.yaml: Route/r: spec: missing required field 'service'"),
+        (
+            "kind: Route\nname: r\nspec: {service: reviews, rules: [{split: {v1: 1}, retry: {}}]}",
+            "f.yaml: Route/r: spec.rules[0]: unknown field(s) retry (allowed: name, match, split, "
+            "timeout, retries, fault)",
+        ),
+        (
+            "kind: Route\nname: r\nspec: {service: reviews, rules: [{timeout: fast}]}",
+            "f.yaml: Route/r: spec.rules[0].timeout: expected a number, got a string",
+        ),
+        (
+            "kind: Route\nname: r\nspec: {service: reviews, rules: []}",
+            "f.yaml: Route/r: spec.rules: needs at least 1 item(s)",
+        ),
+        (
+            "kind: Route\nname: r\nspec: {service: reviews, rules: [{split: {v1: 0}}]}",
+            "f.yaml: Route/r: spec.rules[0].split: weights must add up to more than 0",
+        ),
+        (
+            "kind: Route\nname: r\nspec: {service: reviews, rules: [{match: {path: {regex: '('}}}]}",
+            "f.yaml: Route/r: spec.rules[0].match.path.regex: invalid regular expression",
+        ),
+        (
+            "kind: Route\nname: r\nspec: {rules: [{}]}",
+            "f.yaml: Route/r: spec: missing required field 'service'",
+        ),
         ("kind: Routes\nname: r", "f.yaml: kind: 'Routes' is not one of Service, Route"),
         ("kind: Service\nname: Reviews_1", "f.yaml: Service: name: 'Reviews_1' is not a valid"),
-        ("kind: Service\nname: a\nspec: {port: 70000}",
-         "f.yaml: Service/a: spec.port: 70000 is out of range 1..65535"),
-        ("kind: Service\nname: a\nmetadata: {}",
-         "f.yaml: Service/a: unknown field(s) metadata (allowed: kind, name, spec)"),
+        (
+            "kind: Service\nname: a\nspec: {port: 70000}",
+            "f.yaml: Service/a: spec.port: 70000 is out of range 1..65535",
+        ),
+        (
+            "kind: Service\nname: a\nmetadata: {}",
+            "f.yaml: Service/a: unknown field(s) metadata (allowed: kind, name, spec)",
+        ),
         ("kind: MeshConfig\nname: mine", "f.yaml: MeshConfig/mine: name: a MeshConfig must be"),
-        ("kind: DestinationPolicy\nname: d\nspec: {service: x, lb: random}",
-         "f.yaml: DestinationPolicy/d: spec.lb: 'random' is not one of round_robin"),
-        ("kind: Route\nname: r\nspec: {service: reviews, rules: [{retries: {on: [teapot]}}]}",
-         "f.yaml: Route/r: spec.rules[0].retries.on[0]: unknown retry condition 'teapot'"),
+        (
+            "kind: DestinationPolicy\nname: d\nspec: {service: x, lb: random}",
+            "f.yaml: DestinationPolicy/d: spec.lb: 'random' is not one of round_robin",
+        ),
+        (
+            "kind: Route\nname: r\nspec: {service: reviews, rules: [{retries: {on: [teapot]}}]}",
+            "f.yaml: Route/r: spec.rules[0].retries.on[0]: unknown retry condition 'teapot'",
+        ),
     ],
 )
 def test_each_mistake_names_file_resource_and_field(doc: str, message: str) -> None:
@@ -117,20 +137,31 @@ def test_broken_references_are_all_reported() -> None:
     bad = parse_text(
         "kind: Route\nname: reviews\nspec: {service: reviews, rules: [{split: {v3: 1}}, "
         "{match: {source: nobody}}]}\n---\n"
-        "kind: DestinationPolicy\nname: ghost\nspec: {service: ghost}\n", "bad.yaml")
+        "kind: DestinationPolicy\nname: ghost\nspec: {service: ghost}\n",
+        "bad.yaml",
+    )
     with pytest.raises(ConfigError) as err:
         validate_set(merged(resources, bad))
     lines = str(err.value).splitlines()
-    assert ("bad.yaml (document 1): Route/reviews: spec.rules[0].split.v3: subset 'v3' is not "
-            "defined by the DestinationPolicy of 'reviews' (has: v1, v2)") in lines
+    assert (
+        "bad.yaml (document 1): Route/reviews: spec.rules[0].split.v3: subset 'v3' is not "
+        "defined by the DestinationPolicy of 'reviews' (has: v1, v2)"
+    ) in lines
     assert any("spec.rules[1].match.source: Service 'nobody' does not exist" in x for x in lines)
-    assert any(x.startswith("bad.yaml (document 2): DestinationPolicy/ghost: spec.service: "
-                            "Service 'ghost' does not exist") for x in lines)
+    assert any(
+        x.startswith(
+            "bad.yaml (document 2): DestinationPolicy/ghost: spec.service: "
+            "Service 'ghost' does not exist"
+        )
+        for x in lines
+    )
 
 
 def test_a_split_needs_a_destination_policy_and_one_route_per_service() -> None:
-    text = ("kind: Service\nname: a\n---\nkind: Route\nname: r1\nspec: {service: a, rules: "
-            "[{split: {v1: 1}}]}\n---\nkind: Route\nname: r2\nspec: {service: a, rules: [{}]}")
+    text = (
+        "kind: Service\nname: a\n---\nkind: Route\nname: r1\nspec: {service: a, rules: "
+        "[{split: {v1: 1}}]}\n---\nkind: Route\nname: r2\nspec: {service: a, rules: [{}]}"
+    )
     with pytest.raises(ConfigError) as err:
         validate_set(as_set(text))
     msg = str(err.value)
@@ -152,13 +183,18 @@ def test_load_paths_reads_a_directory_and_refuses_duplicates(tmp_path: Path) -> 
 
 def test_diff_names_changed_fields() -> None:
     old = as_set(GOOD)
-    new_route = parse_text(GOOD.split("---")[3].replace("v1: 95, v2: 5", "v1: 50, v2: 50"),
-                           "r.yaml")
+    new_route = parse_text(
+        GOOD.split("---")[3].replace("v1: 95, v2: 5", "v1: 50, v2: 50"), "r.yaml"
+    )
     new = merged(old, new_route)
     del new[("MeshConfig", "default")]
     lines = diff(old, new)
-    assert lines == ["- MeshConfig/default", "~ Route/reviews",
-                     "    spec.rules[1].split.v1: 95 -> 50", "    spec.rules[1].split.v2: 5 -> 50"]
+    assert lines == [
+        "- MeshConfig/default",
+        "~ Route/reviews",
+        "    spec.rules[1].split.v1: 95 -> 50",
+        "    spec.rules[1].split.v2: 5 -> 50",
+    ]
 
 
 def test_kind_aliases() -> None:

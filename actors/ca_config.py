@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bus.errors import KVConflict
 from bus.kv import KV
+from mesh import pki_ca
 from mesh.errors import ConfigError
 from mesh.pki_ca import DEFAULT_LEAF_TTL
 from mesh.pki_seal import MIN_SECRET_BYTES
@@ -131,6 +132,11 @@ class CaConfig:
         bundle = env.get("MESH_CA_BUNDLE")
         password = env.get("MESH_CA_KEY_PASSWORD")
         ttl = parse_duration(env.get("MESH_CA_LEAF_TTL", "24h"), "MESH_CA_LEAF_TTL")
+        if ttl < pki_ca.MIN_LEAF_TTL:
+            raise CaConfigError(
+                f"MESH_CA_LEAF_TTL {env['MESH_CA_LEAF_TTL']!r} is below the minimum leaf "
+                f"lifetime of {pki_ca.MIN_LEAF_TTL}"
+            )
         try:
             replicas = int(env.get("MESH_KV_REPLICAS", "1"))
         except ValueError:

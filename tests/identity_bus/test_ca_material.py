@@ -116,6 +116,8 @@ def test_config_from_env_and_the_embedded_secret(tmp_path: Path) -> None:
         CaConfig.from_env(
             {"MESH_CA_SECRET": "x" * 16, "MESH_CA_CERT": "/nonexistent", "MESH_CA_KEY": "/k"}
         )
+    with pytest.raises(CaConfigError, match="'30s' is below the minimum leaf lifetime"):
+        CaConfig.from_env({"MESH_CA_SECRET": "x" * 16, "MESH_CA_LEAF_TTL": "30s"})
     assert parse_duration("7d").days == 7
     with pytest.raises(CaConfigError, match="not a duration"):
         parse_duration("soon")

@@ -33,7 +33,7 @@ from actors.lease import Lease, LeaseTerm, open_leases
 from actors.runtime import ActorContext
 from bus import subjects
 from bus.client import Bus
-from bus.kv import INITIAL_DONE, KVEntry, open_kv
+from bus.kv import INITIAL_DONE, KV, KVEntry, open_kv
 from bus.subscription import Delivery, Overflow
 from mesh.compile import compile_service
 from mesh.errors import ConfigError, MeshError
@@ -66,11 +66,13 @@ class ConfigActor:
         max_delay: float = 0.25,
         warmup: float = 1.5,
         lease_ttl: float = 3.0,
+        poll: float = 5.0,
     ) -> None:
         self.debounce = debounce
         self.max_delay = max_delay
         self.warmup = warmup
         self.lease_ttl = lease_ttl
+        self.poll = poll
 
     async def run(
         self, ctx: ActorContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -93,6 +95,7 @@ class _ConfigState:
         self.warm = trio.Event()
         self._dirty = trio.Event()
         self.leading = False
+        self._refused = 0  # the last stored revision that failed validation
         self._full_cache: dict[str, tuple[str, bytes]] = {}
         self.stats: dict[str, Any] = {
             "compiles": 0,
@@ -149,6 +152,7 @@ class _ConfigState:
                 assert isinstance(item, KVEntry)
                 self._take(item)
             nursery.start_soon(self._watch_rest, watch)
+            nursery.start_soon(self._poll, kv)
             nursery.start_soon(self._serve_full, full)
             nursery.start_soon(self._serve_heartbeats, heartbeats)
             nursery.start_soon(self._serve_acks, acks)
@@ -177,14 +181,29 @@ class _ConfigState:
                 log.error(
                     "config revision %d refused, keeping %d: %s", entry.revision, self.revision, exc
                 )
+                self._refused = entry.revision
                 return
         self.resources, self.revision = resources, entry.revision
         self.mark_dirty()
 
     async def _watch_rest(self, watch: Any) -> None:
         async for item in watch:
-            if isinstance(item, KVEntry):
+            if isinstance(item, KVEntry) and item.revision > self.revision:
                 self._take(item)
+
+    async def _poll(self, kv: KV) -> None:
+        """Belt and braces: a watch that silently died (server restarts) must not leave this
+        replica on an old revision forever, so read the key every `poll` seconds too."""
+        while True:
+            await trio.sleep(self.a.poll)
+            try:
+                entry = await kv.get(subjects.CONFIG_KEY)
+            except MeshError as exc:
+                log.debug("config poll: %s", exc)
+                continue
+            if entry is not None and entry.revision > max(self.revision, self._refused):
+                log.warning("config revision %d seen by polling, not by the watch", entry.revision)
+                self._take(entry)
 
     # -- compile and push ------------------------------------------------
 

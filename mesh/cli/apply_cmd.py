@@ -17,6 +17,7 @@ import trio
 
 from bus import subjects
 from bus.client import Bus, connect
+from bus.errors import BusTimeout, NoResponders
 from mesh.cli.common import add_nats_flag, run_trio
 from mesh.errors import ConfigError, MeshError
 from mesh.messages import ConfigStatus, ConfigStatusRequest
@@ -100,12 +101,18 @@ async def fetch_status(
 ) -> ConfigStatus:
     """The control plane's status; every row, fetched page by page (rows=False: counts only)."""
     page = 1000 if rows else 0
-    st = await bus.request(
-        subjects.CONFIG_STATUS,
-        ConfigStatusRequest(service=service, limit=page),
-        ConfigStatus,
-        timeout=timeout,
-    )
+    try:
+        st = await bus.request(
+            subjects.CONFIG_STATUS,
+            ConfigStatusRequest(service=service, limit=page),
+            ConfigStatus,
+            timeout=timeout,
+        )
+    except (NoResponders, BusTimeout):
+        raise ConfigError(
+            f"no control plane answered on {bus.connected_url} within {timeout:g} s: is "
+            "`mesh controlplane` (or `mesh up`) running against this NATS?"
+        ) from None
     sidecars = list(st.sidecars)
     while rows and len(sidecars) < st.total:
         more = await bus.request(

@@ -94,9 +94,7 @@ class Mesh:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.procs = Procs(tmp)
-        _, info = self.procs.spawn(
-            "nats", [*MESH, "nats", "--port", "0", "--state-dir", str(tmp / "nats"), "--ready-line"]
-        )
+        self.nats_proc, info = self.start_nats("0")
         self.nats: str = info["urls"][0]
         self.start_controlplane()
         self.sidecars: dict[str, dict[str, Any]] = {}
@@ -106,6 +104,18 @@ class Mesh:
             )
             self.sidecar(f"reviews-{version}", "reviews", version, int(app["port"]))
         self.sidecar("productpage", "productpage", "v1", 9)  # a client only: no app behind
+
+    def start_nats(self, port: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+        cmd = [*MESH, "nats", "--port", port, "--state-dir", str(self.tmp / "nats")]
+        return self.procs.spawn("nats", [*cmd, "--ready-line"])
+
+    def stop_nats(self) -> None:
+        self.procs.stop(self.nats_proc)
+
+    def restart_nats(self) -> None:
+        """Stop NATS and start it again on the same port with the same state."""
+        self.procs.stop(self.nats_proc)
+        self.nats_proc, _ = self.start_nats(self.nats.rsplit(":", 1)[1])
 
     def start_controlplane(self, replica: str = "cp-1") -> subprocess.Popen[bytes]:
         cmd = [*MESH, "-v", "controlplane", "--nats", self.nats, "--replica", replica]

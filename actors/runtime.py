@@ -18,6 +18,7 @@ import trio
 
 from bus import subjects
 from bus.client import Bus
+from mesh.concurrency import single_leaf, unwrap_single
 from mesh.errors import MeshError
 from mesh.messages import Lifecycle
 
@@ -63,10 +64,11 @@ class Supervisor:
         ctx.actor_names = [a.name for a in actors]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for actor in self.actors:
-                await nursery.start(self._supervise, actor)
-            task_status.started()
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                for actor in self.actors:
+                    await nursery.start(self._supervise, actor)
+                task_status.started()
 
     def _event(self, actor: Actor, event: str, detail: str = "") -> None:
         msg = Lifecycle(
@@ -96,7 +98,12 @@ class Supervisor:
                     failures = 0
                 self._event(actor, "stopped")
                 return
-            except Exception as exc:
+            except Exception as caught:
+                # nursery.start wraps the actor's error in a group; report the error itself.
+                exc = caught
+                if isinstance(caught, BaseExceptionGroup):
+                    leaf = single_leaf(caught)
+                    exc = leaf if isinstance(leaf, Exception) else caught
                 failures += 1
                 self.restarts[actor.name] += 1
                 detail = f"{type(exc).__name__}: {exc}"

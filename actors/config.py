@@ -96,6 +96,7 @@ class _ConfigState:
         self._dirty = trio.Event()
         self.leading = False
         self._refused = 0  # the last stored revision that failed validation
+        self.compiled_revision = 0  # the revision the current snapshots were compiled from
         self._full_cache: dict[str, tuple[str, bytes]] = {}
         self.stats: dict[str, Any] = {
             "compiles": 0,
@@ -239,7 +240,9 @@ class _ConfigState:
         return out
 
     def recompile(self) -> None:
+        revision = self.revision
         pushes = self.sync.update(self._compile(self.sync.wanted_services()), now=self.now())
+        self.compiled_revision = revision  # status reports this: what sidecars are compared to
         if not pushes:
             return
         sent = 0
@@ -343,9 +346,14 @@ class _ConfigState:
                 d,
                 ConfigStatus(
                     replica=self.ctx.replica,
-                    revision=self.revision,
+                    revision=self.compiled_revision,
                     sidecars=rows[req.offset : req.offset + max(0, req.limit)],
-                    stats={**self.stats, "leading": self.leading, "warm": self.warm.is_set()},
+                    stats={
+                        **self.stats,
+                        "leading": self.leading,
+                        "warm": self.warm.is_set(),
+                        "stored_revision": self.revision,
+                    },
                     total=len(rows),
                     counts=counts,
                 ),

@@ -479,11 +479,11 @@ class ConfigStatusRequest(Message):
 @message
 @dataclasses.dataclass(frozen=True, slots=True)
 class ConfigStatus(Message):
-    """The leader's view of every sidecar (reply on mesh.config.status)."""
+    """A replica's view of every sidecar (reply on mesh.config.status)."""
 
     TYPE: ClassVar[str] = "config.status"
     replica: str
-    revision: int
+    revision: int  # the configuration revision the current snapshots were compiled from
     sidecars: list[dict[str, Any]]
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     total: int = 0  # rows matching the request, of which `sidecars` is one page

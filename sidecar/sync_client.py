@@ -88,6 +88,8 @@ class SyncClient:
                 log.warning(
                     "config sync: %s; keeping version %s", exc, self.state.version or "(none)"
                 )
+            except Exception:  # a bug here must not take the data plane down: log, go on
+                log.exception("config sync failed; keeping version %s", self.state.version)
             finally:
                 self.connected = False
             await trio.sleep(delay)
@@ -127,6 +129,9 @@ class SyncClient:
             error = self._apply(Snapshot.from_dict(action.snapshot))
         except ConfigError as exc:
             error = str(exc)
+        except Exception as exc:  # refuse what we cannot load, whatever the reason
+            log.exception("loading config version %s failed", action.version)
+            error = f"internal error loading the snapshot: {type(exc).__name__}: {exc}"
         ack = self.state.applied(error)
         if error is None:
             log.info("config version %s applied", action.version)

@@ -22,8 +22,12 @@ from typing import Any
 import yaml
 
 from mesh.errors import ConfigError
+from mesh.pki_errors import SpiffeIdError
+from mesh.spiffe import parse_spiffe_id
 
 LB_POLICIES = ("round_robin", "least_request", "hash")
+MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
+AUTHZ_ACTIONS = ("allow", "deny")
 RETRY_CONDITIONS = ("connect-failure", "reset", "timeout")
 
 
@@ -138,6 +142,11 @@ class Cluster:
     circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     outlier: Outlier = field(default_factory=Outlier)
     retry_budget: RetryBudget = field(default_factory=RetryBudget)
+    # mTLS (when the sidecar has an identity): the SPIFFE ID the endpoints must present
+    # (None: spiffe://<own trust domain>/ns/<own namespace>/sa/<cluster name>), and whether
+    # to use mTLS at all (False for endpoints that are plain apps, not sidecars).
+    identity: str | None = None
+    mtls: bool = True
 
     def subset(self, name: str) -> tuple[Endpoint, ...] | None:
         for subset_name, endpoints in self.subsets:
@@ -153,9 +162,32 @@ class InboundFault:
 
 
 @dataclass(frozen=True)
+class AuthzRule:
+    """Holds if every given field matches. Identity fields need a verified (mTLS) caller."""
+
+    action: str  # allow | deny
+    identity: str | None = None  # the caller's full SPIFFE ID
+    namespace: str | None = None  # the caller's namespace
+    source: str | None = None  # the caller's service account
+    path: StringMatch | None = None
+    methods: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Authz:
+    """Istio's order: a matching deny rule denies; else, if any allow rule exists, the request
+    must match one; else `default` decides."""
+
+    default: str = "allow"  # allow | deny (default-deny)
+    rules: tuple[AuthzRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class Inbound:
     timeout: float = 15.0
     faults: tuple[InboundFault, ...] = ()
+    mtls: str | None = None  # STRICT | PERMISSIVE | DISABLE; None: the sidecar's --mtls
+    authz: Authz | None = None
 
 
 @dataclass(frozen=True)
@@ -438,7 +470,7 @@ def _parse_endpoint(node: _Node) -> Endpoint:
 
 def _parse_cluster(node: _Node) -> Cluster:
     node.check_keys(("name", "lb", "hash_header", "connect_timeout", "subsets",
-                     "circuit_breaker", "outlier", "retry_budget"))
+                     "circuit_breaker", "outlier", "retry_budget", "identity", "mtls"))
     name = node.req("name").str_()
     lb_node = node.get("lb")
     lb = "round_robin" if lb_node is None else lb_node.str_()
@@ -485,7 +517,52 @@ def _parse_cluster(node: _Node) -> Cluster:
             window_seconds=_opt_num(rb_node, "window_seconds", rb.window_seconds, 0.1, 3600))
     return Cluster(name=name, subsets=tuple(subsets), lb=lb, hash_header=hash_header,
                    connect_timeout=_opt_num(node, "connect_timeout", 1.0, 0.001, 600),
-                   circuit_breaker=cb, outlier=od, retry_budget=rb)
+                   circuit_breaker=cb, outlier=od, retry_budget=rb,
+                   identity=_opt_spiffe(node, "identity"),
+                   mtls=True if node.get("mtls") is None else node.req("mtls").bool_())
+
+
+def _opt_spiffe(node: _Node, key: str) -> str | None:
+    child = node.get(key)
+    if child is None:
+        return None
+    try:
+        return parse_spiffe_id(child.str_()).uri
+    except SpiffeIdError as exc:
+        raise child.fail(str(exc)) from None
+
+
+def _parse_mtls(node: _Node) -> str:
+    mode = node.str_().upper()
+    if mode not in MTLS_MODES:
+        raise node.fail(f"unknown mTLS mode {node.value!r} (use one of {', '.join(MTLS_MODES)})")
+    return mode
+
+
+def _parse_authz(node: _Node) -> Authz:
+    node.check_keys(("default", "rules"))
+    default = "allow"
+    default_node = node.get("default")
+    if default_node is not None:
+        default = default_node.str_()
+        if default not in AUTHZ_ACTIONS:
+            raise default_node.fail(f"expected allow or deny, got {default!r}")
+    rules: list[AuthzRule] = []
+    rules_node = node.get("rules")
+    for r in rules_node.items() if rules_node else []:
+        r.check_keys(("action", "identity", "namespace", "source", "path", "methods"))
+        action = r.req("action").str_()
+        if action not in AUTHZ_ACTIONS:
+            raise r.req("action").fail(f"expected allow or deny, got {action!r}")
+        path_node = r.get("path")
+        methods_node = r.get("methods")
+        rules.append(AuthzRule(
+            action=action, identity=_opt_spiffe(r, "identity"),
+            namespace=_opt_str(r, "namespace"), source=_opt_str(r, "source"),
+            path=_parse_string_match(path_node, allow_present=False) if path_node else None,
+            methods=tuple(m.str_().upper() for m in methods_node.items()) if methods_node
+            else ()))
+    return Authz(default=default, rules=tuple(rules))
 
 
 def _parse_snapshot(root: _Node) -> Snapshot:
@@ -506,7 +583,7 @@ def _parse_snapshot(root: _Node) -> Snapshot:
     inbound = Inbound()
     inb = root.get("inbound")
     if inb is not None:
-        inb.check_keys(("timeout", "faults"))
+        inb.check_keys(("timeout", "faults", "mtls", "authz"))
         faults: list[InboundFault] = []
         faults_node = inb.get("faults")
         for f in faults_node.items() if faults_node else []:
@@ -515,8 +592,12 @@ def _parse_snapshot(root: _Node) -> Snapshot:
                                        f.path))
             assert fault is not None
             faults.append(InboundFault(match=_parse_match(f.get("match")), fault=fault))
+        mtls_node = inb.get("mtls")
+        authz_node = inb.get("authz")
         inbound = Inbound(timeout=_opt_num(inb, "timeout", 15.0, 0.001, 86400),
-                          faults=tuple(faults))
+                          faults=tuple(faults),
+                          mtls=_parse_mtls(mtls_node) if mtls_node else None,
+                          authz=_parse_authz(authz_node) if authz_node else None)
     clusters_node = root.get("clusters")
     clusters = [_parse_cluster(c) for c in (clusters_node.items() if clusters_node else [])]
     by_name: dict[str, Cluster] = {}
@@ -621,7 +702,7 @@ def _route_to_dict(r: Route) -> dict[str, Any]:
 
 
 def _cluster_to_dict(c: Cluster) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "name": c.name, "lb": c.lb, "hash_header": c.hash_header,
         "connect_timeout": c.connect_timeout,
         "subsets": {name: [str(e) for e in eps] for name, eps in c.subsets},
@@ -629,6 +710,34 @@ def _cluster_to_dict(c: Cluster) -> dict[str, Any]:
         "outlier": vars(c.outlier).copy(),
         "retry_budget": vars(c.retry_budget).copy(),
     }
+    if c.identity is not None:
+        out["identity"] = c.identity
+    if not c.mtls:
+        out["mtls"] = False
+    return out
+
+
+def _inbound_to_dict(i: Inbound) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "timeout": i.timeout,
+        "faults": [{"match": _match_to_dict(f.match), **_fault_to_dict(f.fault)}
+                   for f in i.faults]}
+    if i.mtls is not None:
+        out["mtls"] = i.mtls
+    if i.authz is not None:
+        rules = []
+        for r in i.authz.rules:
+            rule: dict[str, Any] = {"action": r.action}
+            for key in ("identity", "namespace", "source"):
+                if getattr(r, key) is not None:
+                    rule[key] = getattr(r, key)
+            if r.path is not None:
+                rule["path"] = _string_match_to_dict(r.path)
+            if r.methods:
+                rule["methods"] = list(r.methods)
+            rules.append(rule)
+        out["authz"] = {"default": i.authz.default, "rules": rules}
+    return out
 
 
 def _snapshot_to_dict(s: Snapshot) -> dict[str, Any]:
@@ -636,9 +745,7 @@ def _snapshot_to_dict(s: Snapshot) -> dict[str, Any]:
         "version": s.version,
         "service": s.service,
         "limits": vars(s.limits).copy(),
-        "inbound": {"timeout": s.inbound.timeout,
-                    "faults": [{"match": _match_to_dict(f.match), **_fault_to_dict(f.fault)}
-                               for f in s.inbound.faults]},
+        "inbound": _inbound_to_dict(s.inbound),
         "services": [{"name": sv.name, "hosts": list(sv.hosts),
                       "routes": [_route_to_dict(r) for r in sv.routes]} for sv in s.services],
         "clusters": [_cluster_to_dict(c) for c in s.clusters],

@@ -18,8 +18,10 @@ log = logging.getLogger("mesh.sidecar.admin")
 
 class AdminServer:
     def __init__(self, stats: Stats, dump: Callable[[], dict[str, Any]],
-                 ready: Callable[[], bool]) -> None:
+                 ready: Callable[[], bool],
+                 certs: Callable[[], dict[str, Any] | None] | None = None) -> None:
         self._dump = dump
+        self._certs = certs
         self._ready = ready
         self.registry = CollectorRegistry()
         self.registry.register(StatsCollector(stats))
@@ -60,4 +62,11 @@ class AdminServer:
             return 200, "application/json", json.dumps(self._dump(), indent=1).encode()
         if path in ("/metrics", "/stats"):
             return 200, "text/plain; version=0.0.4", generate_latest(self.registry)
-        return 404, "text/plain", b"not found: try /healthz /ready /config_dump /metrics\n"
+        if path == "/certs":
+            # Like Envoy's admin /certs: the chain and the trust bundle, never the key.
+            certs = self._certs() if self._certs is not None else None
+            if certs is None:
+                return 404, "text/plain", b"no identity: this sidecar runs without mTLS\n"
+            return 200, "application/json", json.dumps(certs, indent=1).encode()
+        return 404, "text/plain", (b"not found: try /healthz /ready /config_dump /metrics "
+                                   b"/certs\n")

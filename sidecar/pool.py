@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import select
 import ssl
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from mesh.snapshot import Endpoint
+from mesh.snapshot import Cluster, Endpoint
 from sidecar.cluster import BreakerState, ClusterState
 from sidecar.fastio import close_now, io_for, set_nodelay, socket_stream, wait_recv_for
 from sidecar.http.codec import ResponseReader
@@ -69,6 +70,10 @@ class Pool:
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.idle_timeout = idle_timeout
         self.ssl_context = ssl_context
+        # mTLS hook (sidecar/mtls.py, UpstreamTls.connect): wraps each new connection and
+        # checks the server's identity; raises ConnectFailed (TlsRefused) when refused.
+        self.tls: Callable[[trio.SocketStream, Cluster, Endpoint],
+                           Awaitable[trio.abc.Stream]] | None = None
         self._idle: dict[Endpoint, list[UpstreamConn]] = {}
         self.opened = 0
 
@@ -114,7 +119,17 @@ class Pool:
                                 f"{'timeout' if isinstance(exc, trio.TooSlowError) else exc}"
                                 ) from None
         set_nodelay(stream)
-        if self.ssl_context is not None:
+        if self.tls is not None:
+            assert isinstance(stream, trio.SocketStream)
+            try:
+                stream = await self.tls(stream, cluster.config, ep)
+            except BaseException:
+                close_now(stream)
+                breaker.open_connections -= 1
+                if breaker.pending:
+                    breaker.released.unpark()
+                raise
+        elif self.ssl_context is not None:
             stream = trio.SSLStream(stream, self.ssl_context, server_hostname=ep.host)
         self.opened += 1
         return UpstreamConn(stream, ep, breaker), False

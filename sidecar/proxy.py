@@ -20,6 +20,7 @@ from collections.abc import Callable
 import trio
 
 from mesh.snapshot import Endpoint, Fault
+from mesh.spiffe import SpiffeId
 from sidecar import flags as F
 from sidecar.budget import backoff_delay
 from sidecar.cluster import ClusterState
@@ -57,8 +58,9 @@ _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 IDLE, HEADER, BODY_READ, UPSTREAM, STREAMING, TUNNEL = range(6)
 # The app cannot claim to be another service: outbound replaces what it sent.
-_SOURCE = frozenset({b"x-mesh-source"})
-_NOTHING: frozenset[bytes] = frozenset()
+PEER_IDENTITY = b"x-mesh-peer-identity"  # the mTLS-verified caller, set by the inbound side
+_SOURCE = frozenset({b"x-mesh-source", PEER_IDENTITY})
+_NOTHING: frozenset[bytes] = frozenset({PEER_IDENTITY})  # inbound: only we may say who called
 
 
 class ClientGone(Exception):
@@ -78,8 +80,8 @@ class _Failure:
 
 
 class _Downstream:
-    __slots__ = ("delayed", "idle_deadline", "io", "phase", "reader", "responded", "scope",
-                 "stream", "wait_recv")
+    __slots__ = ("delayed", "idle_deadline", "io", "peer", "phase", "reader", "responded",
+                 "scope", "stream", "wait_recv")
 
     def __init__(self, stream: trio.abc.Stream, reader: RequestReader,
                  scope: trio.CancelScope) -> None:
@@ -92,6 +94,7 @@ class _Downstream:
         self.responded = False
         self.delayed = False
         self.idle_deadline = math.inf
+        self.peer: SpiffeId | None = None  # inbound over mTLS: the verified caller
 
     async def recv_into_reader(self) -> None:
         data = await self.io.receive_some(RECV)
@@ -115,12 +118,14 @@ class HttpProxy:
         self.service_name = service
         self._rng = rng
 
-    async def handle(self, stream: trio.abc.Stream) -> None:
-        """Connection handler for trio.serve_listeners: never raises."""
+    async def handle(self, stream: trio.abc.Stream, peer: SpiffeId | None = None) -> None:
+        """Connection handler for trio.serve_listeners: never raises. `peer`: the caller's
+        SPIFFE ID verified by mTLS (sidecar/mtls.py), inbound only."""
         self.stats.downstream_connections += 1
         limits = self._runtime().limits
         c = _Downstream(stream, RequestReader(limits.max_header_bytes, limits.max_body_bytes),
                         trio.CancelScope(deadline=trio.current_time() + limits.idle_timeout))
+        c.peer = peer
         c.idle_deadline = c.scope.deadline
         try:
             set_nodelay(stream)
@@ -226,8 +231,19 @@ class HttpProxy:
                                          not head.has_body)
             fault = route.route.fault
         else:
-            src = head.get(b"x-mesh-source")
-            source = src.decode("latin-1") if src is not None else None
+            peer = c.peer
+            if peer is not None:  # verified by mTLS: replaces what the caller declared
+                source = peer.service_account
+                extra.append((b"x-mesh-source", source.encode()))
+                extra.append((PEER_IDENTITY, peer.uri.encode()))
+            else:
+                src = head.get(b"x-mesh-source")
+                source = src.decode("latin-1") if src is not None else None
+            if rt.authz.active:
+                denied = rt.authz.check(peer, head)
+                if denied is not None:
+                    return await self._local(c, head, rid, 403, F.DENIED, denied,
+                                             not head.has_body)
             route = rt.inbound_route
             fault = rt.inbound_fault(head, source) if rt.inbound_faults else None
         if head.has_body and head.get(b"expect") is not None:
@@ -278,7 +294,7 @@ class HttpProxy:
         c.phase = UPSTREAM
         c.scope.deadline = trio.current_time() + route.route.timeout
         head_bytes = request_head_bytes(head, extra, head.chunked,
-                                        _SOURCE if self.outbound else _NOTHING)
+                                        _SOURCE if self.outbound or c.peer else _NOTHING)
         attempt = 0
         while True:
             result = await self._attempt(c, head, head_bytes, body, route, cluster, fault)

@@ -20,6 +20,7 @@ from mesh.snapshot import (
     Route,
     Snapshot,
 )
+from sidecar.authz import Authorizer
 from sidecar.cluster import ClusterState
 from sidecar.http.codec import RequestHead
 from sidecar.route import CompiledRoute, Matcher, Router
@@ -51,6 +52,7 @@ class Runtime:
         self.inbound_route = CompiledRoute(
             Route(name="inbound", match=_ANY, cluster=APP_CLUSTER, split=(("app", 1),),
                   timeout=snapshot.inbound.timeout), self.app_cluster, rng)
+        self.authz = Authorizer(snapshot.inbound.authz)
         self.inbound_faults = [(Matcher(f.match), f.fault) for f in snapshot.inbound.faults]
 
     def inbound_fault(self, head: RequestHead, source: str | None) -> Fault | None:

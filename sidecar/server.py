@@ -16,6 +16,8 @@ import trio
 from mesh.errors import ConfigError
 from mesh.snapshot import Snapshot, load_snapshot
 from sidecar.admin import AdminServer
+from sidecar.identity import IdentityAgent
+from sidecar.mtls import InboundGate, UpstreamTls
 from sidecar.pool import Pool
 from sidecar.proxy import HttpProxy
 from sidecar.runtime import Runtime
@@ -61,6 +63,9 @@ class Sidecar:
         self.inbound_ssl = inbound_ssl
         self.pool = Pool(ssl_context=upstream_ssl)  # to other sidecars
         self.app_pool = Pool()  # to the local app
+        self.identity: InboundGate | None = None  # mTLS, set by use_identity
+        self._agent: IdentityAgent | None = None
+        self._identity_mode = "STRICT"
         self.ports: dict[str, Any] = {}
         self.ready = False
         self.loaded_at = time.time()
@@ -68,6 +73,28 @@ class Sidecar:
 
     def runtime(self) -> Runtime:
         return self._runtime
+
+    def use_identity(self, agent: IdentityAgent, mode: str) -> None:
+        """mTLS with the agent's SVID (docs/identity.md, "mTLS in the sidecar"): call before
+        `run`, once the agent has its first certificate. `mode`: STRICT, PERMISSIVE or
+        DISABLE (the snapshot's inbound.mtls wins when set)."""
+        self._agent = agent
+        if mode != "DISABLE":
+            self.pool.tls = UpstreamTls(agent, self.stats).connect
+        self.stats.cert_expiry = agent.seconds_to_expiry
+        self._identity_mode = mode
+
+    def certs(self) -> dict[str, Any] | None:
+        """For the admin `/certs`: the current chain and the trust bundle (never the key)."""
+        agent = self._agent
+        if agent is None:
+            return None
+        chain, bundle = agent.certs_pem()
+        svid = agent.svid
+        return {"identity": svid.identity.uri, "serial": svid.issued.serial_hex,
+                "not_after": svid.not_after.isoformat(),
+                "seconds_to_expiry": round(agent.seconds_to_expiry(), 3),
+                "chain_pem": chain.decode("ascii"), "bundle_pem": bundle.decode("ascii")}
 
     def _stat(self) -> tuple[int, int] | None:
         if self.opts.config is None:
@@ -142,16 +169,23 @@ class Sidecar:
         outbound = HttpProxy("outbound", self.runtime, self.pool, self.stats, o.service, self._rng)
         inbound = HttpProxy("inbound", self.runtime, self.app_pool, self.stats, o.service,
                             self._rng)
-        admin = AdminServer(self.stats, self.config_dump, lambda: self.ready)
+        admin = AdminServer(self.stats, self.config_dump, lambda: self.ready, self.certs)
+        agent = self._agent
+        inbound_handler: Any = inbound.handle
+        if agent is not None:
+            self.identity = InboundGate(agent, self._identity_mode, self.runtime, self.stats,
+                                        inbound.handle)
+            inbound_handler = self.identity.handle
         try:
             async with trio.open_nursery() as nursery:
                 ports: dict[str, Any] = {}
                 for name, port, host, handler in (
                     ("outbound", o.outbound_port, "127.0.0.1", outbound.handle),
-                    ("inbound", o.inbound_port, o.inbound_host, inbound.handle),
+                    ("inbound", o.inbound_port, o.inbound_host, inbound_handler),
                     ("admin", o.admin_port, "127.0.0.1", admin.handle),
                 ):
-                    ssl_context = self.inbound_ssl if name == "inbound" else None
+                    ssl_context = (self.inbound_ssl if name == "inbound" and agent is None
+                                   else None)
                     ports[name] = await self._listen(nursery, name, host, port, handler,
                                                      ssl_context)
                 tcp_ports: dict[str, int] = {}

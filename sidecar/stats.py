@@ -7,7 +7,7 @@ counters tests and operators need now.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -25,6 +25,11 @@ class Stats:
         self.snapshot_version = ""
         self.ejections = 0
         self.upstream_connections = 0
+        # mTLS (sidecar/mtls.py): (direction, flag) of refused handshakes, (direction, kind)
+        # of accepted connections, and the certificate's seconds to expiry (None: no identity)
+        self.tls_refused: Counter[tuple[str, str]] = Counter()
+        self.tls_handshakes: Counter[tuple[str, str]] = Counter()
+        self.cert_expiry: Callable[[], float] | None = None
 
 
 class StatsCollector(Collector):
@@ -44,6 +49,23 @@ class StatsCollector(Collector):
         for (listener, flag), n in sorted(s.flags.items()):
             flags.add_metric([listener, flag], n)
         yield flags
+        refused = CounterMetricFamily("mesh_sidecar_tls_refused",
+                                      "mTLS handshakes refused, by direction and flag",
+                                      labels=["direction", "flag"])
+        for (direction, flag), n in sorted(s.tls_refused.items()):
+            refused.add_metric([direction, flag], n)
+        yield refused
+        accepted = CounterMetricFamily("mesh_sidecar_tls_connections",
+                                       "connections accepted or opened, by direction and kind "
+                                       "(mtls, plaintext)", labels=["direction", "kind"])
+        for (direction, kind), n in sorted(s.tls_handshakes.items()):
+            accepted.add_metric([direction, kind], n)
+        yield accepted
+        if s.cert_expiry is not None:
+            expiry = GaugeMetricFamily("mesh_sidecar_cert_seconds_to_expiry",
+                                       "seconds until the sidecar's certificate expires")
+            expiry.add_metric([], s.cert_expiry())
+            yield expiry
         for name, value, text in (
             ("mesh_sidecar_retries", s.retries, "retries sent upstream"),
             ("mesh_sidecar_retry_budget_exhausted", s.budget_exhausted,

@@ -11,6 +11,7 @@ from typing import Any
 
 import trio
 
+from mesh.cli.sidecar_identity import add_identity_flags, identity_config, run_identity
 from mesh.errors import ConfigError, MeshError
 from mesh.snapshot import Snapshot, load_snapshot
 
@@ -41,6 +42,7 @@ def register(sub: Any) -> None:
     p.add_argument("--ready-file", type=Path, help="also write the ready JSON line here")
     p.add_argument("--watch-interval", type=float, default=1.0,
                    help="seconds between checks of the snapshot file")
+    add_identity_flags(p)
     p.set_defaults(func=run)
 
 
@@ -61,12 +63,15 @@ def run(args: argparse.Namespace) -> int:
         watch_interval=args.watch_interval)
     initial = (load_snapshot(args.config) if args.config is not None
                else Snapshot(version="0", service=args.service))
+    identity = identity_config(args, f"{args.service}-{args.service_version}")
     sidecar = Sidecar(opts, initial)
     sync = _sync_client(args, sidecar) if args.nats else None
 
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
+                if identity is not None:  # ready only with a certificate (or exit)
+                    await nursery.start(run_identity, identity, sidecar)
                 ports = await nursery.start(sidecar.run)
                 if sync is not None:
                     host = "127.0.0.1" if opts.inbound_host in ("0.0.0.0", "") else opts.inbound_host

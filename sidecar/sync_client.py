@@ -88,6 +88,7 @@ class SyncClient:
                 log.warning(
                     "config sync: %s; keeping version %s", exc, self.state.version or "(none)"
                 )
+                self.first.set()  # no NATS: start serving what this sidecar has, now
             except Exception:  # a bug here must not take the data plane down: log, go on
                 log.exception("config sync failed; keeping version %s", self.state.version)
             finally:

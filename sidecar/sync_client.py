@@ -86,7 +86,9 @@ class SyncClient:
                     await self._session(bus)
             except MeshError as exc:
                 log.warning(
-                    "config sync: %s; keeping version %s", exc, self.state.version or "(none)"
+                    "config sync: %s; keeping version %s",
+                    exc,
+                    self.state.version or "(none from the control plane yet)",
                 )
                 self.first.set()  # no NATS: start serving what this sidecar has, now
             except Exception:  # a bug here must not take the data plane down: log, go on
@@ -140,7 +142,7 @@ class SyncClient:
             log.error(
                 "config version %s refused, keeping %s: %s",
                 action.version,
-                self.state.version or "(none)",
+                self.state.version or "(none from the control plane yet)",
                 error,
             )
         self.first.set()

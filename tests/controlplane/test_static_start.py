@@ -65,6 +65,9 @@ def test_a_sidecar_starts_without_nats_from_its_file(tmp_path: Path) -> None:
         assert resp.status == 200 and b'"name": "v1"' in resp.read()
         conn.close()
         log = (tmp_path / "sidecar.stderr").read_text()
-        assert "config sync: cannot reach NATS" in log and "keeping version (none)" in log
+        assert (
+            "config sync: cannot reach NATS" in log
+            and "keeping version (none from the control plane yet)" in log
+        )
     finally:
         procs.close()

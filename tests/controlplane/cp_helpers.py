@@ -21,7 +21,9 @@ from typing import Any
 
 import trio
 
+from bus.binary import find_nats_server
 from bus.client import connect
+from bus.server import NodeSpec
 from mesh.messages import Message
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -106,16 +108,33 @@ class Mesh:
         self.sidecar("productpage", "productpage", "v1", 9)  # a client only: no app behind
 
     def start_nats(self, port: str) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-        cmd = [*MESH, "nats", "--port", port, "--state-dir", str(self.tmp / "nats")]
-        return self.procs.spawn("nats", [*cmd, "--ready-line"])
+        """nats-server itself (not `mesh nats`, whose child could outlive a SIGKILL of it)."""
+        spec = NodeSpec("cp-test", self.tmp / "nats", port=int(port))
+        spec.resolve_ports()
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        conf = spec.state_dir / "nats.conf"
+        conf.write_text(spec.config_text())
+        with open(self.tmp / "nats.stderr", "ab") as err:
+            proc = subprocess.Popen(
+                [str(find_nats_server()), "-c", str(conf)], stdout=err, stderr=err
+            )
+        self.procs.procs.append(proc)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", spec.http_port, timeout=1)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server did not become healthy: see {self.tmp}")
+            time.sleep(0.02)
+        return proc, {"urls": [f"nats://127.0.0.1:{spec.port}"]}
 
     def stop_nats(self) -> None:
         self.procs.stop(self.nats_proc)
-
-    def restart_nats(self) -> None:
-        """Stop NATS and start it again on the same port with the same state."""
-        self.procs.stop(self.nats_proc)
-        self.nats_proc, _ = self.start_nats(self.nats.rsplit(":", 1)[1])
 
     def start_controlplane(self, replica: str = "cp-1") -> subprocess.Popen[bytes]:
         cmd = [*MESH, "-v", "controlplane", "--nats", self.nats, "--replica", replica]

@@ -21,7 +21,6 @@ from mesh.resources import Resource, ResourceSet, policy_for, route_for
 from mesh.snapshot import Snapshot
 
 DEFAULT_SUBSET = "default"
-FORBIDDEN = 403
 
 
 @dataclass(frozen=True, order=True)
@@ -86,6 +85,8 @@ def _cluster(
     for key in ("outlier", "retry_budget"):
         if key in spec:
             out[key] = spec[key]
+    if spec.get("mtls") == "disable":  # its sidecars accept plaintext only
+        out["mtls"] = False
     return out
 
 
@@ -117,37 +118,31 @@ def _routes(
 
 
 def _inbound(resources: ResourceSet, service: str, defaults: dict[str, Any]) -> dict[str, Any]:
-    """AuthorizationPolicies as inbound faults: deny rules first (abort 403), then allow rules
-    (a no-op fault that stops the search), then, if any allow policy exists, deny the rest."""
-    deny: list[dict[str, Any]] = []
-    allow: list[dict[str, Any]] = []
+    """AuthorizationPolicies as the snapshot's `inbound.authz` (the sidecar enforces them:
+    a matching deny rule denies, then, if any allow rule exists, a request must match one;
+    403 with flag DENY), and the service's DestinationPolicy `mtls` as `inbound.mtls`."""
+    rules: list[dict[str, Any]] = []
     policies = sorted(
         (
             r
             for r in resources.values()
             if r.kind == "AuthorizationPolicy" and r.spec["service"] == service
         ),
-        key=lambda r: r.name,
+        key=lambda r: (r.spec["action"] != "deny", r.name),
     )
     for p in policies:
         for rule in p.spec["rules"]:
-            match = {
-                k: v
-                for k, v in (
-                    ("source", rule.get("source")),
-                    ("path", rule.get("path")),
-                    ("methods", rule.get("methods")),
-                )
-                if v is not None
-            }
-            if p.spec["action"] == "deny":
-                deny.append({"match": match, "abort": {"percent": 100, "status": FORBIDDEN}})
-            else:
-                allow.append({"match": match, "delay": {"percent": 0, "seconds": 0}})
-    faults = deny + allow
-    if allow:
-        faults.append({"abort": {"percent": 100, "status": FORBIDDEN}})
-    out: dict[str, Any] = {"faults": faults}
+            out_rule: dict[str, Any] = {"action": p.spec["action"]}
+            for key in ("source", "path", "methods"):
+                if rule.get(key) is not None:
+                    out_rule[key] = rule[key]
+            rules.append(out_rule)
+    out: dict[str, Any] = {"faults": []}
+    if policies:
+        out["authz"] = {"rules": rules}
+    dp = policy_for(resources, service)
+    if dp is not None and "mtls" in dp.spec:
+        out["mtls"] = dp.spec["mtls"].upper()
     if "inbound_timeout" in defaults:
         out["timeout"] = defaults["inbound_timeout"]
     return out

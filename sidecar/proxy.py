@@ -117,6 +117,9 @@ class HttpProxy:
         self.service = service.encode()
         self.service_name = service
         self._rng = rng
+        # Authorization may use the caller's declared x-mesh-source only while this sidecar
+        # has no mTLS identity (sidecar/server.py turns it off with one).
+        self.trust_declared_source = True
 
     async def handle(self, stream: trio.abc.Stream, peer: SpiffeId | None = None) -> None:
         """Connection handler for trio.serve_listeners: never raises. `peer`: the caller's
@@ -197,6 +200,7 @@ class HttpProxy:
                     return
                 c.phase = HEADER
                 c.reader.feed(data)
+                rt = self._runtime()  # a snapshot swapped while this connection was idle
                 if not events:
                     c.scope.deadline = trio.current_time() + rt.limits.header_timeout
                     while not events:
@@ -240,7 +244,8 @@ class HttpProxy:
                 src = head.get(b"x-mesh-source")
                 source = src.decode("latin-1") if src is not None else None
             if rt.authz.active:
-                denied = rt.authz.check(peer, head)
+                denied = rt.authz.check(
+                    peer, source if peer is None and self.trust_declared_source else None, head)
                 if denied is not None:
                     return await self._local(c, head, rid, 403, F.DENIED, denied,
                                              not head.has_body)

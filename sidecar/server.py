@@ -176,6 +176,7 @@ class Sidecar:
             self.identity = InboundGate(agent, self._identity_mode, self.runtime, self.stats,
                                         inbound.handle)
             inbound_handler = self.identity.handle
+            inbound.trust_declared_source = False
         try:
             async with trio.open_nursery() as nursery:
                 ports: dict[str, Any] = {}

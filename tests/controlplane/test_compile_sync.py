@@ -56,10 +56,11 @@ def test_compile_gives_each_service_only_what_it_needs() -> None:
     # reviews declares no dependencies: it may call every service; its inbound is authorized
     rv = Snapshot.from_dict(compile_service(resources, EPS, "reviews").snapshot)
     assert [s.name for s in rv.services] == ["productpage", "reviews"]
-    faults = rv.inbound.faults
-    assert faults[0].match.source == "productpage" and faults[0].match.methods == ("GET",)
-    assert faults[0].fault.abort is None  # allow: a no-op that stops the search
-    assert faults[-1].fault.abort is not None and faults[-1].fault.abort.status == 403
+    assert rv.inbound.faults == ()
+    authz = rv.inbound.authz
+    assert authz is not None and len(authz.rules) == 1
+    rule = authz.rules[0]
+    assert (rule.action, rule.source, rule.methods) == ("allow", "productpage", ("GET",))
 
 
 def test_versions_are_content_digests() -> None:
@@ -78,7 +79,7 @@ def test_versions_are_content_digests() -> None:
     assert c["reviews"].version == a["reviews"].version
     assert c["productpage"].version != a["productpage"].version
     pp = Snapshot.from_dict(c["productpage"].snapshot)
-    assert pp.inbound.faults[0].fault.abort is not None
+    assert pp.inbound.authz is not None and pp.inbound.authz.rules[0].action == "deny"
 
 
 def snapshot_dicts() -> st.SearchStrategy[dict[str, Any]]:

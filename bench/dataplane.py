@@ -7,6 +7,8 @@ and HAProxy (Debian package) as the reference proxy. Load comes from `wrk -t1`.
     apt-get install -y wrk haproxy nginx
     .venv/bin/python bench/dataplane.py            # 3 rounds x 3 s per point, ~2.5 min
     .venv/bin/python bench/dataplane.py --quick    # 1 round x 2 s per point, ~40 s
+    .venv/bin/python bench/dataplane.py --mtls     # 2 hops: sidecar mTLS vs plaintext vs
+                                                   # HAProxy mTLS (certs from our CA)
 
 Reported per setup and concurrency: rps, p50/p90/p99, added p50 latency per hop at
 c=1 versus direct, and proxy CPU (sum of the proxy processes' utime+stime from
@@ -30,10 +32,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives import serialization
+
+from mesh import pki
+from mesh.spiffe import SpiffeId
 
 ROOT = Path(__file__).resolve().parents[1]
+TRUST_DOMAIN = "bench.mesh"
 MESH = str(Path(sys.executable).parent / "mesh")
 TICKS = os.sysconf("SC_CLK_TCK")
 BODY = b"x" * 1024
@@ -69,8 +77,10 @@ class Stack:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, cmd: list[str], **kw: object) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        err = open(self.tmp / f"stderr-{len(self.procs)}", "wb")  # read when one fails
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err,
                                 **kw)  # type: ignore[call-overload]
+        err.close()
         self.procs.append(proc)
         return proc  # type: ignore[no-any-return]
 
@@ -98,6 +108,9 @@ http {{
         return port
 
     def haproxy(self, target: int) -> tuple[int, int]:
+        return self._haproxy(f"127.0.0.1:{target}")
+
+    def _haproxy(self, target: str, bind: str = "", server: str = "") -> tuple[int, int]:
         port = free_port()
         conf = self.tmp / f"haproxy-{port}.cfg"
         conf.write_text(f"""
@@ -110,28 +123,93 @@ defaults
     timeout client 30s
     timeout server 30s
 frontend fe
-    bind 127.0.0.1:{port}
+    bind 127.0.0.1:{port} {bind}
     default_backend be
 backend be
     http-reuse always
-    server s1 127.0.0.1:{target}
+    server s1 {target} {server}
 """)
         proc = self.start(["haproxy", "-f", str(conf), "-db"])
         wait_port(port)
         return port, proc.pid
 
-    def sidecar(self, service: str, app_port: int, snapshot: dict[str, object]
-                ) -> tuple[dict[str, int], int]:
-        path = self.tmp / f"snapshot-{service}.yaml"
+    def sidecar(self, service: str, app_port: int, snapshot: dict[str, object],
+                extra: tuple[str, ...] = ()) -> tuple[dict[str, int], int]:
+        path = self.tmp / f"snapshot-{service}-{len(self.procs)}.yaml"
         path.write_text(yaml.safe_dump(snapshot))
         proc = self.start([MESH, "sidecar", "--service", service, "--app-port", str(app_port),
                            "--config", str(path), "--outbound-port", "0",
-                           "--inbound-port", "0", "--admin-port", "0"], cwd=ROOT)
+                           "--inbound-port", "0", "--admin-port", "0", *extra], cwd=ROOT)
+        return self.ready_line(proc, f"sidecar {service}"), proc.pid
+
+    def ready_line(self, proc: subprocess.Popen[bytes], what: str) -> dict[str, Any]:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"sidecar {service} did not start")
-        return json.loads(line), proc.pid
+        while True:
+            line = proc.stdout.readline()
+            if not line:
+                n = self.procs.index(proc)
+                err = (self.tmp / f"stderr-{n}").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{what} did not start: {err}")
+            if line.startswith(b'{"event"'):
+                return json.loads(line)  # type: ignore[no-any-return]
+
+    # -- mTLS: NATS + a CA whose root the bench holds, so HAProxy gets leaves of it too --
+
+    def mtls_ca(self) -> tuple[str, pki.CertificateAuthority]:
+        """nats-server and a control plane (the CA) loading our root as an operator CA."""
+        ca = pki.generate_root(TRUST_DOMAIN)
+        cert, key = self.tmp / "ca.pem", self.tmp / "ca.key"
+        cert.write_bytes(ca.chain_pem())
+        key.write_bytes(ca.key.private_bytes(serialization.Encoding.PEM,
+                                             serialization.PrivateFormat.PKCS8,
+                                             serialization.NoEncryption()))
+        key.chmod(0o600)
+        nats = self.start([MESH, "nats", "--port", "0", "--ready-line", "--state-dir",
+                           str(self.tmp / "nats")], cwd=ROOT)
+        url = str(self.ready_line(nats, "nats")["urls"][0])
+        env = {**os.environ, "MESH_CA_SECRET": os.urandom(16).hex(),
+               "MESH_CA_CERT": str(cert), "MESH_CA_KEY": str(key),
+               "MESH_TRUST_DOMAIN": TRUST_DOMAIN}
+        cp = self.start([MESH, "controlplane", "--nats", url, "--ready-line"], cwd=ROOT,
+                        env=env)
+        self.ready_line(cp, "controlplane")
+        return url, ca
+
+    def token(self, nats: str, service: str) -> list[str]:
+        """--identity/--token-file flags for a sidecar of `service`."""
+        out = subprocess.run([MESH, "token", "create", "--nats", nats, "--trust-domain",
+                              TRUST_DOMAIN, "--namespace", "bench", "--service-account",
+                              service], capture_output=True, text=True, check=True, cwd=ROOT)
+        path = self.tmp / f"token-{service}"
+        path.write_text(out.stdout.strip())
+        return ["--ca-nats", nats, "--identity", f"spiffe://{TRUST_DOMAIN}/ns/bench/sa/{service}",
+                "--token-file", str(path)]
+
+    def leaf_pem(self, ca: pki.CertificateAuthority, name: str) -> Path:
+        """cert chain + key for HAProxy, issued by the mesh's CA."""
+        ident = SpiffeId(TRUST_DOMAIN, "bench", name)
+        key = pki.generate_key()
+        svid = pki.Svid(ca.sign_csr(pki.build_csr(key, ident), ident), key)
+        path = self.tmp / f"{name}.pem"
+        path.write_bytes(svid.issued.chain_pem + svid.key_pem())
+        path.chmod(0o600)
+        return path
+
+    def haproxy_mtls(self, target: int, ca: pki.CertificateAuthority
+                     ) -> tuple[int, list[int]]:
+        """Two HAProxies: client side (plaintext in, mTLS out, server cert verified against
+        the bundle) and server side (mTLS in, client cert required; plaintext to nginx)."""
+        bundle = self.tmp / "bundle.pem"
+        bundle.write_bytes(ca.bundle.pem)
+        b_pem, a_pem = self.leaf_pem(ca, "haproxy-b"), self.leaf_pem(ca, "haproxy-a")
+        tls = "ssl-min-ver TLSv1.3"
+        port_b, pid_b = self._haproxy(f"127.0.0.1:{target}",
+                                      bind=f"ssl crt {b_pem} ca-file {bundle} verify required "
+                                           f"{tls}")
+        port_a, pid_a = self._haproxy(f"127.0.0.1:{port_b}",
+                                      server=f"ssl crt {a_pem} ca-file {bundle} verify required "
+                                             f"{tls}")
+        return port_a, [pid_a, pid_b]
 
     def close(self) -> None:
         for p in self.procs:
@@ -196,7 +274,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="seconds per point")
     ap.add_argument("--conns", default="1,16,64", help="concurrency levels, comma separated")
     ap.add_argument("--only", help="measure only setups whose name contains this (plus direct)")
+    ap.add_argument("--mtls", action="store_true",
+                    help="the 2-hop path only: sidecars with mTLS (identities from a CA in a "
+                         "control plane on NATS) vs plaintext vs HAProxy with mTLS (leaves of "
+                         "the same CA); default --conns 1,16")
     args = ap.parse_args()
+    if args.mtls and args.conns == "1,16,64":
+        args.conns = "1,16"
     seconds = args.seconds or (2.0 if args.quick else 3.0)
     rounds = args.rounds or (1 if args.quick else 3)
     conns = [int(c) for c in args.conns.split(",")]
@@ -212,17 +296,10 @@ def main() -> int:
     try:
         upstream = stack.nginx()
         setups: list[tuple[str, int, int, list[int]]] = [("direct", upstream, 0, [])]
-        h1, h1pid = stack.haproxy(upstream)
-        setups.append(("haproxy 1 hop", h1, 1, [h1pid]))
-        h2b, h2bpid = stack.haproxy(upstream)
-        h2a, h2apid = stack.haproxy(h2b)
-        setups.append(("haproxy 2 hops", h2a, 2, [h2apid, h2bpid]))
-        one, one_pid = stack.sidecar("bench1", 1, client_snapshot(upstream))
-        setups.append(("sidecar 1 hop", one["outbound"], 1, [one_pid]))
-        server, server_pid = stack.sidecar("upstream", upstream, {"version": "bench"})
-        client, client_pid = stack.sidecar("bench2", 1, client_snapshot(server["inbound"]))
-        setups.append(("sidecar 2 hops", client["outbound"], 2, [client_pid, server_pid]))
-
+        if args.mtls:
+            setups += mtls_setups(stack, upstream)
+        else:
+            setups += plain_setups(stack, upstream)
         if args.only:
             setups = [x for x in setups if x[0] == "direct" or args.only in x[0]]
         for _name, port, _, pids in setups:
@@ -233,7 +310,7 @@ def main() -> int:
                 for name, port, _, pids in setups:
                     point = run_wrk(port, c, seconds, pids)
                     samples.setdefault((name, c), []).append(point)
-                    print(f"  round {r + 1}/{rounds} {name:15} c={c:<3} {point.rps:9.0f} rps",
+                    print(f"  round {r + 1}/{rounds} {name:20} c={c:<3} {point.rps:9.0f} rps",
                           file=sys.stderr, flush=True)
         results = {key: _median(points) for key, points in samples.items()}
         report(setups, conns, results, seconds, rounds)
@@ -241,6 +318,40 @@ def main() -> int:
         stack.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def mtls_setups(stack: Stack, upstream: int) -> list[tuple[str, int, int, list[int]]]:
+    nats, ca = stack.mtls_ca()
+    setups: list[tuple[str, int, int, list[int]]] = []
+    h2b, h2bpid = stack.haproxy(upstream)
+    h2a, h2apid = stack.haproxy(h2b)
+    setups.append(("haproxy 2 hops", h2a, 2, [h2apid, h2bpid]))
+    hm, hm_pids = stack.haproxy_mtls(upstream, ca)
+    setups.append(("haproxy 2 hops mTLS", hm, 2, hm_pids))
+    server, server_pid = stack.sidecar("upstream", upstream, {"version": "bench"})
+    client, client_pid = stack.sidecar("bench2", 1, client_snapshot(server["inbound"]))
+    setups.append(("sidecar 2 hops", client["outbound"], 2, [client_pid, server_pid]))
+    mserver, mserver_pid = stack.sidecar("upstream", upstream, {"version": "bench"},
+                                         tuple(stack.token(nats, "upstream")))
+    mclient, mclient_pid = stack.sidecar("bench2", 1, client_snapshot(mserver["inbound"]),
+                                         tuple(stack.token(nats, "bench2")))
+    setups.append(("sidecar 2 hops mTLS", mclient["outbound"], 2, [mclient_pid, mserver_pid]))
+    return setups
+
+
+def plain_setups(stack: Stack, upstream: int) -> list[tuple[str, int, int, list[int]]]:
+    setups: list[tuple[str, int, int, list[int]]] = []
+    h1, h1pid = stack.haproxy(upstream)
+    setups.append(("haproxy 1 hop", h1, 1, [h1pid]))
+    h2b, h2bpid = stack.haproxy(upstream)
+    h2a, h2apid = stack.haproxy(h2b)
+    setups.append(("haproxy 2 hops", h2a, 2, [h2apid, h2bpid]))
+    one, one_pid = stack.sidecar("bench1", 1, client_snapshot(upstream))
+    setups.append(("sidecar 1 hop", one["outbound"], 1, [one_pid]))
+    server, server_pid = stack.sidecar("upstream", upstream, {"version": "bench"})
+    client, client_pid = stack.sidecar("bench2", 1, client_snapshot(server["inbound"]))
+    setups.append(("sidecar 2 hops", client["outbound"], 2, [client_pid, server_pid]))
+    return setups
 
 
 def _median(points: list[Point]) -> Point:
@@ -259,7 +370,7 @@ def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
     direct_p50 = results[("direct", c1)].p50
     print(f"\nwrk -t1, 1 KB body from nginx, {seconds:g} s per point, median of {rounds} "
           f"interleaved round(s), loopback, {os.cpu_count()} cores\n")
-    print(f"{'setup':16} {'c':>3} {'rps':>9} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} "
+    print(f"{'setup':20} {'c':>3} {'rps':>9} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} "
           f"{'+us/hop':>8} {'CPU us/req/hop':>15} {'CPU s/s per 1k rps':>19}")
     added: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -273,20 +384,29 @@ def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
                 added[name] = plus
             if per_hop is not None and c == cmax:
                 cpu[name] = per_hop
-            print(f"{name:16} {c:>3} {p.rps:>9.0f} {p.p50:>8.0f} {p.p90:>8.0f} {p.p99:>8.0f} "
+            print(f"{name:20} {c:>3} {p.rps:>9.0f} {p.p50:>8.0f} {p.p90:>8.0f} {p.p99:>8.0f} "
                   f"{'' if plus is None else f'{plus:.0f}':>8} "
                   f"{'' if per_hop is None else f'{per_hop:.1f}':>15} "
                   f"{'' if per_1k is None else f'{per_1k:.3f}':>19}")
     print("\nratios, sidecar / HAProxy (goal: latency <= 1.2x, requests per CPU-second >= 0.5x)")
-    for hops in ("1 hop", "2 hops"):
-        s, h = f"sidecar {hops}", f"haproxy {hops}"
+    for label in ("1 hop", "2 hops"):
+        s, h = f"sidecar {label}", f"haproxy {label}"
         if (s, cmax) not in results or (h, cmax) not in results:
             continue
         lat = added[s] / added[h] if added.get(h, 0) > 0 else float("nan")
         eff = cpu[h] / cpu[s] if cpu.get(s, 0) > 0 else float("nan")
         rps = results[(s, cmax)].rps / results[(h, cmax)].rps
-        print(f"  {hops:6}: added p50 latency per hop at c={c1}: {lat:.2f}x   "
+        print(f"  {label:6}: added p50 latency per hop at c={c1}: {lat:.2f}x   "
               f"requests per CPU-second at c={cmax}: {eff:.2f}x   rps at c={cmax}: {rps:.2f}x")
+    sm, hm = "sidecar 2 hops mTLS", "haproxy 2 hops mTLS"
+    if sm in added and hm in added:
+        lat = added[sm] / added[hm] if added[hm] > 0 else float("nan")
+        print(f"\n2 hops with mTLS, added p50 latency per hop at c={c1}: sidecar "
+              f"{added[sm]:.0f} us, HAProxy {added[hm]:.0f} us -> {lat:.2f}x (goal <= 1.5x)")
+        for who in ("sidecar", "haproxy"):
+            plain, tls = added.get(f"{who} 2 hops"), added.get(f"{who} 2 hops mTLS")
+            if plain is not None and tls is not None:
+                print(f"  {who}: mTLS adds {tls - plain:.0f} us per hop over plaintext at c={c1}")
 
 
 if __name__ == "__main__":

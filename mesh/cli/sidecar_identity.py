@@ -1,7 +1,7 @@
 """`mesh sidecar` identity flags: get an SVID from the CA before serving, then mTLS.
 
     mesh sidecar ... --nats URLS --identity spiffe://TD/ns/NS/sa/SA --token-file F \\
-        [--mtls STRICT|PERMISSIVE|DISABLE] [--identity-timeout 30]
+        [--mtls STRICT|PERMISSIVE|DISABLE] [--identity-timeout 30] [--ca-nats URLS]
 
 (`--namespace NS --service-account SA` instead of `--identity`: the trust domain is the
 running CA's.) The identity agent runs on its own NATS connection; the sidecar reports ready
@@ -51,19 +51,24 @@ def add_identity_flags(p: argparse.ArgumentParser) -> None:
                    help="inbound mode: STRICT (default with an identity), PERMISSIVE "
                         "(plaintext too), DISABLE (no mTLS either way); the snapshot's "
                         "inbound.mtls wins when set")
+    g.add_argument("--ca-nats", help="NATS URL(s) for certificates only (default: --nats); "
+                                     "with --config and no --nats, snapshots stay file-only")
     g.add_argument("--identity-timeout", type=float, default=30.0,
                    help="seconds to wait for the first certificate before giving up")
 
 
 def identity_config(args: argparse.Namespace, name: str) -> IdentityConfig | None:
     """None when no identity flag is given (plaintext sidecar, as before)."""
-    if not (args.identity or args.namespace or args.token or args.token_file):
+    if not (args.identity or args.namespace or args.token or args.token_file
+            or args.ca_nats):
         if args.mtls not in (None, "DISABLE"):
             raise ConfigError(f"--mtls {args.mtls} needs an identity: give --identity (or "
                               "--namespace) and --token or --token-file")
         return None
-    if not args.nats:
-        raise ConfigError("--identity needs --nats: certificates come from the CA over NATS")
+    nats = args.ca_nats or args.nats
+    if not nats:
+        raise ConfigError("--identity needs --nats (or --ca-nats): certificates come from the "
+                          "CA over NATS")
     if args.identity and args.namespace:
         raise ConfigError("give --identity or --namespace/--service-account, not both")
     ident: SpiffeId | None = None
@@ -91,7 +96,7 @@ def identity_config(args: argparse.Namespace, name: str) -> IdentityConfig | Non
     from bus.client import BusOptions
 
     return IdentityConfig(
-        servers=BusOptions.parse_servers(args.nats), identity=ident,
+        servers=BusOptions.parse_servers(nats), identity=ident,
         namespace=ident.namespace if ident else args.namespace,
         service_account=(ident.service_account if ident
                          else args.service_account or args.service),

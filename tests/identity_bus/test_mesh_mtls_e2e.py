@@ -254,8 +254,10 @@ async def test_ca_rotate_under_load(nats_server: NatsServer, procs: Procs,
         await trio.sleep(1)
         assert (await command("rotate")).ok
         with trio.fail_after(15):  # both re-issued by the new root (rekey within ~5 s)
-            while [await serial(inventory), await serial(checkout)][0] == before[0] or \
-                    await serial(checkout) == before[1]:
+            while True:
+                now = [await serial(inventory), await serial(checkout)]
+                if now[0] != before[0] and now[1] != before[1]:
+                    break
                 await trio.sleep(0.1)
         await trio.sleep(0.5)
         assert (await command("retire")).ok

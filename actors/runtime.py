@@ -54,12 +54,14 @@ class Supervisor:
         backoff_base: float = 0.1,
         backoff_cap: float = 10.0,
         startup_attempts: int = 3,
+        stable_after: float = 10.0,
     ) -> None:
         self.ctx = ctx
         self.actors = actors
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.startup_attempts = startup_attempts
+        self.stable_after = stable_after
         self.restarts: dict[str, int] = {a.name: 0 for a in actors}
         ctx.actor_names = [a.name for a in actors]
 
@@ -87,18 +89,23 @@ class Supervisor:
         ready = False
         failures = 0
         while True:
+            started_at = 0.0
             try:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(actor.run, self.ctx)
+                    started_at = trio.current_time()
                     self._event(actor, "started")
                     log.info("actor %s started on %s", actor.name, self.ctx.replica)
                     if not ready:
                         ready = True
                         task_status.started()
-                    failures = 0
                 self._event(actor, "stopped")
                 return
             except Exception as caught:
+                # Only an actor that ran a while earns a fresh backoff; one that crashes
+                # right after starting backs off further each time.
+                if started_at and trio.current_time() - started_at >= self.stable_after:
+                    failures = 0
                 # nursery.start wraps the actor's error in a group; report the error itself.
                 exc = caught
                 if isinstance(caught, BaseExceptionGroup):

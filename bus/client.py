@@ -28,6 +28,7 @@ from trio_asyncio import aio_as_trio
 from bus.errors import BusClosed, BusConnectError, BusOverloaded, BusTimeout, NoResponders
 from bus.subscription import Delivery, Overflow, Subscription, message_decoder, raw_decoder
 from mesh.concurrency import unwrap_single
+from mesh.errors import BusError
 from mesh.messages import MAX_MESSAGE_BYTES, Message, MessageTooLarge, decode_as, encode
 
 log = logging.getLogger("mesh.bus")
@@ -40,6 +41,14 @@ T = TypeVar("T")
 _MAX_BATCH = 4096
 # Awaited publishes between full schedule points (see Bus.publish).
 _YIELD_EVERY = 256
+
+
+def redact_url(url: str) -> str:
+    """nats://user:secret@host:4222 -> nats://***@host:4222"""
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,11 @@ class BusOptions:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     outbox_capacity: int = 65536
 
+    @property
+    def display_servers(self) -> str:
+        """The server list for messages and logs, with any user:password@ removed."""
+        return ", ".join(redact_url(u) for u in self.servers)
+
     @staticmethod
     def parse_servers(spec: str | Sequence[str]) -> tuple[str, ...]:
         items = [spec] if isinstance(spec, str) else list(spec)
@@ -68,7 +82,7 @@ class BusOptions:
         for url in urls:
             if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
                 raise BusConnectError(
-                    f"{url!r} is not a NATS URL: expected nats://HOST:PORT (or tls://)"
+                    f"{redact_url(url)!r} is not a NATS URL: expected nats://HOST:PORT (or tls://)"
                 )
         if not urls:
             raise BusConnectError("no NATS server URL given")
@@ -109,8 +123,9 @@ class Bus:
 
     @property
     def connected_url(self) -> str:
+        """The server in use, without credentials (this string is logged and printed)."""
         url = self._nc.connected_url
-        return f"{url.scheme}://{url.netloc}" if url else ""
+        return f"{url.scheme}://{url.hostname}:{url.port}" if url else ""
 
     @property
     def is_connected(self) -> bool:
@@ -178,14 +193,14 @@ class Bus:
                 await aio_as_trio(self._nc.connect)(**kwargs)
             except (OSError, nats.errors.Error) as exc:
                 raise BusConnectError(
-                    f"cannot connect to NATS at {', '.join(o.servers)}: {exc}"
+                    f"cannot connect to NATS at {o.display_servers}: {exc}"
                 ) from None
         if scope.cancelled_caught:
             why = self._last_connect_error
             detail = f"{type(why).__name__}: {why}" if why else "no answer"
             await self._close_quietly()
             raise BusConnectError(
-                f"cannot reach NATS at {', '.join(o.servers)} within {o.connect_timeout:g} s "
+                f"cannot reach NATS at {o.display_servers} within {o.connect_timeout:g} s "
                 f"(last error: {detail}); is nats-server running? (`mesh nats` starts one)"
             )
         self._connected_once = True
@@ -384,10 +399,20 @@ class Bus:
             except BaseException as exc:  # a bug in delivery must surface in trio, not in asyncio
                 report(exc)
 
-        sub.nats_sub = await aio_as_trio(self._nc.subscribe)(sub.subject, queue=queue, cb=callback)
-        # Round trip so the server has the interest before the caller says it is ready.
-        await aio_as_trio(self._nc.flush)(timeout=5)
         try:
+            sub.nats_sub = await aio_as_trio(self._nc.subscribe)(
+                sub.subject, queue=queue, cb=callback
+            )
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot subscribe to {sub.subject}: {exc}") from None
+        try:
+            # Round trip so the server has the interest before the caller says it is ready.
+            try:
+                await aio_as_trio(self._nc.flush)(timeout=5)
+            except nats.errors.Error as exc:
+                raise BusTimeout(
+                    f"NATS did not confirm the subscription to {sub.subject}: {exc}"
+                ) from None
             yield
         finally:
             sub.close()

@@ -22,6 +22,7 @@ from trio_asyncio import aio_as_trio
 
 from bus.client import Bus
 from bus.errors import BusTimeout, KVConflict, KVError
+from mesh.errors import BusError
 
 log = logging.getLogger("mesh.bus.kv")
 
@@ -56,26 +57,33 @@ class KV:
         self.name = name
         self._kv = handle
 
+    def _translate(self, what: str, exc: Exception, key: str = "") -> BusError:
+        """Every NATS failure comes out as a BusError: callers retry those, so none may
+        escape raw (NoStreamResponseError, during a stream leader election, is not an
+        APIError, for one)."""
+        if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
+            return KVConflict(
+                f"{self.name}/{key}: {what} lost a race (the key changed since it was read)"
+            )
+        if isinstance(exc, nats.errors.TimeoutError):
+            return BusTimeout(f"key-value {what} in bucket {self.name} timed out")
+        return KVError(
+            f"key-value {what} in bucket {self.name} failed: {type(exc).__name__}: {exc}"
+        )
+
     async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return await aio_as_trio(fn)(*args, **kwargs)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise KVConflict(
-                f"{self.name}/{kwargs.get('key', args[0] if args else '')}: {what} lost a race "
-                "(the key changed since it was read)"
-            ) from None
-        except nats.errors.TimeoutError:
-            raise BusTimeout(f"key-value {what} in bucket {self.name} timed out") from None
-        except nats.js.errors.APIError as exc:
-            raise KVError(f"key-value {what} in bucket {self.name} failed: {exc}") from None
+        except nats.errors.Error as exc:
+            raise self._translate(what, exc, str(args[0]) if args else "") from None
 
     async def get(self, key: str) -> KVEntry | None:
         try:
             e = await aio_as_trio(self._kv.get)(key)
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
-        except nats.errors.TimeoutError:
-            raise BusTimeout(f"key-value get {self.name}/{key} timed out") from None
+        except nats.errors.Error as exc:
+            raise self._translate("get", exc, key) from None
         return _entry(e)
 
     async def put(self, key: str, value: bytes) -> int:
@@ -105,18 +113,24 @@ class KV:
             return list(await aio_as_trio(self._kv.keys)())
         except nats.js.errors.NoKeysError:
             return []
+        except nats.errors.Error as exc:
+            raise self._translate("keys", exc) from None
 
     async def history(self, key: str) -> list[KVEntry]:
         try:
             return [_entry(e) for e in await aio_as_trio(self._kv.history)(key)]
         except nats.js.errors.NoKeysError:
             return []
+        except nats.errors.Error as exc:
+            raise self._translate("history", exc, key) from None
 
     @asynccontextmanager
     async def watch(
         self, keys: str = ">", *, include_deletes: bool = True
     ) -> AsyncIterator[KVWatch]:
-        watcher = await aio_as_trio(self._kv.watch)(keys, ignore_deletes=not include_deletes)
+        watcher = await self._call(
+            "watch", self._kv.watch, keys, ignore_deletes=not include_deletes
+        )
         try:
             yield KVWatch(watcher)
         finally:

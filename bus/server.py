@@ -245,10 +245,11 @@ class NatsCluster:
             async with trio.open_nursery() as nursery:
                 for node in self.nodes:
                     await nursery.start(functools.partial(node.run, wait_ready=False))
-                with trio.fail_after(ready_timeout):
-                    for node in self.nodes:
-                        await node.wait_healthy(ready_timeout)
-                    await self.wait_meta_leader(self.nodes)
+                # One deadline for the whole cluster; each wait raises NatsServerError.
+                deadline = trio.current_time() + ready_timeout
+                for node in self.nodes:
+                    await node.wait_healthy(max(0.1, deadline - trio.current_time()))
+                await self.wait_meta_leader(self.nodes, max(0.1, deadline - trio.current_time()))
                 log.info("NATS cluster ready: %s", ", ".join(self.urls))
                 task_status.started(self)
 

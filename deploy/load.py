@@ -34,7 +34,8 @@ class LoadResult:
 
     @property
     def ok(self) -> int:
-        return sum(n for code, n in self.statuses.items() if code < 500)
+        """Answers that are neither a client nor a server error (the exit status of `mesh load`)."""
+        return sum(n for code, n in self.statuses.items() if code < 400)
 
     def summary(self) -> dict[str, object]:
         return {
@@ -90,13 +91,21 @@ class _Conn:
             return status, headers, keep
         if "chunked" in headers.get("transfer-encoding", "").lower():
             while True:
-                size = int((await self.read_until(b"\r\n")).split(b";")[0], 16)
+                chunk_line = await self.read_until(b"\r\n")
+                try:
+                    size = int(chunk_line.split(b";")[0], 16)
+                except ValueError:
+                    raise LoadError(f"bad chunk size {chunk_line[:20]!r}") from None
                 if size == 0:
                     await self.read_until(b"\r\n")  # no trailers expected
                     break
                 await self.read_exact(size + 2)
         elif "content-length" in headers:
-            await self.read_exact(int(headers["content-length"]))
+            try:
+                length = int(headers["content-length"])
+            except ValueError:
+                raise LoadError(f"bad Content-Length {headers['content-length'][:20]!r}") from None
+            await self.read_exact(length)
         else:  # body until close
             while True:
                 chunk = await self.stream.receive_some(65536)

@@ -36,7 +36,12 @@ class Host:
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=10)
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=10)
+    if check and result.returncode != 0:
+        raise NetnsUnavailable(
+            f"`ip {' '.join(args)}` failed: {result.stderr.strip() or result.returncode}"
+        )
+    return result
 
 
 def available() -> str | None:

@@ -45,6 +45,7 @@ class ChildProcess:
         backoff_base: float = 0.2,
         backoff_cap: float = 10.0,
         ready_port: int | None = None,
+        stable_after: float = 10.0,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -56,6 +57,7 @@ class ChildProcess:
         self.backoff_cap = backoff_cap
         # Apps that print no ready line are ready once they accept on this port.
         self.ready_port = ready_port
+        self.stable_after = stable_after
         self.process: trio.Process | None = None
         self.ready_info: dict[str, Any] = {}
         self.restarts = 0
@@ -73,6 +75,8 @@ class ChildProcess:
         failures = 0
         while not self._stopping:
             ready = trio.Event()
+            timed_out = False
+            ready_at = 0.0
             env = {**os.environ, **(self.env or {})}
             self.process = await trio.lowlevel.open_process(
                 self.argv, stdout=subprocess.PIPE, **child_kwargs(env)
@@ -86,18 +90,28 @@ class ChildProcess:
                     with trio.move_on_after(self.ready_timeout):
                         await self._wait_ready_or_exit(ready)
                     if ready.is_set():
-                        failures = 0
+                        ready_at = trio.current_time()
                         if not reported:
                             reported = True
                             task_status.started(self)
+                    elif self.process.returncode is None:
+                        timed_out = True  # hung before ready: stop it, count a failure
+                        await terminate(self.process)
+                        ready.set()  # ends the port probe
                     code = await self.process.wait()
             finally:
                 await terminate(self.process)
             if self._stopping:
                 return
+            # Only a child that stayed up a while has earned a fresh backoff: one that
+            # crashes right after starting must not be restarted every 0.2 s forever.
+            if ready_at and trio.current_time() - ready_at >= self.stable_after:
+                failures = 0
             failures += 1
-            if not ready.is_set():
-                why = "exited before it was ready" if code is not None else "was not ready in time"
+            if timed_out:
+                why = f"was not ready within {self.ready_timeout:g} s"
+            elif not ready_at:
+                why = "exited before it was ready"
             else:
                 why = f"exited with code {code}"
             log.error("%s (pid %s) %s", self.name, self.process.pid, why)

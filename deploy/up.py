@@ -8,6 +8,8 @@ or its siblings with it; Ctrl-C or SIGTERM stops the replicas first, then NATS.
 
 from __future__ import annotations
 
+import logging
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -20,12 +22,13 @@ from actors.ca_config import secret_env_for_children
 from bus.server import NatsServer, NodeSpec
 from deploy.supervisor import ChildProcess
 from deploy.topology import Topology
-from deploy.topology_plan import Plan, make_plan
+from deploy.topology_plan import make_plan
 from deploy.topology_run import RunningTopology, run_topology
 from mesh.concurrency import unwrap_single
 from mesh.errors import ConfigError
 from mesh.processes import free_port
-from mesh.signals import cancel_on_signals
+
+log = logging.getLogger("mesh.up")
 
 DEFAULT_NATS_PORT = 4222
 
@@ -97,12 +100,17 @@ async def run_up(
     *,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Start everything; on SIGINT/SIGTERM stop apps and sidecars, then replicas, then NATS.
+
+    A signal during start-up, or a second signal, stops everything at once.
+    """
     if config.replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, not {config.replicas}")
+    stopping, started = trio.Event(), trio.Event()
     with unwrap_single():
         async with trio.open_nursery() as outer:  # owns NATS, which stops last
-            with trio.CancelScope() as body:  # a signal cancels this: replicas stop first
-                await outer.start(cancel_on_signals, body)
+            with trio.CancelScope() as body:
+                await outer.start(_watch_signals, body, stopping, started)
                 nats: NatsServer | None = None
                 urls = list(config.nats_urls)
                 if not urls:
@@ -123,21 +131,31 @@ async def run_up(
                         )
                         replicas.append(await cp.start(child.run))
                     running = Running(urls, nats, replicas)
-                    if config.topology is not None:
-                        plan = make_plan(config.topology, free_port, config.ingress_port)
-                        # Nested: apps and sidecars stop before the control plane and NATS.
-                        apps = await cp.start(_run_nested, plan, config.state_dir)
-                        running.topology = apps
-                    task_status.started(running)
+                    async with trio.open_nursery() as apps:
+                        if config.topology is not None:
+                            plan = make_plan(config.topology, free_port, config.ingress_port)
+                            running.topology = await apps.start(
+                                run_topology, plan, config.state_dir
+                            )
+                        task_status.started(running)
+                        started.set()
+                        await stopping.wait()
+                        apps.cancel_scope.cancel()
+                    cp.cancel_scope.cancel()
             outer.cancel_scope.cancel()
 
 
-async def _run_nested(
-    plan: Plan,
-    state_dir: Path,
+async def _watch_signals(
+    body: trio.CancelScope,
+    stopping: trio.Event,
+    started: trio.Event,
     *,
-    task_status: trio.TaskStatus[RunningTopology] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-        running = await nursery.start(run_topology, plan, state_dir)
-        task_status.started(running)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.warning("%s received: stopping the mesh", signal.Signals(signum).name)
+            if stopping.is_set() or not started.is_set():
+                body.cancel()  # a second signal, or still starting: stop everything at once
+            stopping.set()

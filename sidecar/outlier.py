@@ -32,7 +32,9 @@ class OutlierDetector:
         for ep in endpoints:
             old = previous.health.get(ep) if previous is not None else None
             self.health[ep] = old if old is not None else EndpointHealth()
-        self.ejections = 0
+        # Carried over: pick() skips the ejection filter while this is 0, and the
+        # carried-over health keeps its ejected_until (a reload must not readmit them).
+        self.ejections: int = previous.ejections if previous is not None else 0
 
     def is_ejected(self, ep: Endpoint, now: float) -> bool:
         return self.health[ep].ejected_until > now

@@ -61,8 +61,14 @@ def _still_open(conn: UpstreamConn) -> bool:
     sock = socket_stream(conn.stream)
     if sock is None:
         return True
-    readable, _, _ = select.select([sock.socket.fileno()], [], [], 0)
-    return not readable
+    # poll(), not select(): select() raises ValueError for fds >= 1024, which a busy
+    # sidecar reaches.
+    poller = select.poll()
+    poller.register(sock.socket.fileno(), select.POLLIN)
+    try:
+        return not poller.poll(0)  # readable when idle means EOF or junk: not reusable
+    except OSError:
+        return False
 
 
 class Pool:

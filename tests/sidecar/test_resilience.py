@@ -125,3 +125,20 @@ def test_route_matching_and_weights() -> None:
     canary = rt.router.hosts["reviews"][3]
     picks = Counter(canary.pick_subset() for _ in range(10000))
     assert set(picks) == {"v1", "v2"} and 850 < picks["v2"] < 1150
+
+
+def test_an_ejected_endpoint_stays_out_across_a_reload() -> None:
+    from mesh.snapshot import Cluster
+    from sidecar.cluster import ClusterState
+
+    clock = Clock()
+    eps = (Endpoint("h", 1), Endpoint("h", 2))
+    config = Cluster(name="c", subsets=(("v1", eps),),
+                     outlier=Outlier(consecutive_5xx=1, base_ejection_seconds=30, max_ejection_percent=50))
+    before = ClusterState(config, random.Random(1), clock)
+    assert before.outlier.on_failure(eps[0])
+    assert {before.pick("v1", None) for _ in range(20)} == {eps[1]}
+    after = ClusterState(config, random.Random(1), clock, previous=before)  # a snapshot reload
+    assert {after.pick("v1", None) for _ in range(20)} == {eps[1]}
+    clock.now += 31
+    assert {after.pick("v1", None) for _ in range(20)} == set(eps)

@@ -143,12 +143,23 @@ class RequestReader(_Reader):
         self.max_body_bytes = max_body_bytes
         self._body_bytes = 0
         self._url = b""
+        self._hosts = 0
         self._parser = httptools.HttpRequestParser(self)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._url = b""
         self._body_bytes = 0
+        self._hosts = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) == 4 and name.lower() == b"host":
+            self._hosts += 1
+            if self._hosts > 1:
+                # RFC 9112 3.2: two Hosts let the proxy and the upstream disagree on the target.
+                self._error = ProtocolError(400, "DPE", "more than one Host header")
+                raise self._error
+        super().on_header(name, value)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -351,7 +362,8 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes] |
     for k, v in headers:
         if k == b"connection":
             tokens = {t.strip().lower() for t in v.split(b",")}
-            tokens -= {b"close", b"keep-alive", b"upgrade"}
+            # Host must reach the upstream whatever the client lists in Connection.
+            tokens -= {b"close", b"keep-alive", b"upgrade", b"host"}
             return frozenset(tokens) if tokens else None
     return None
 

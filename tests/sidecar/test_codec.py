@@ -208,3 +208,20 @@ def test_valid_requests_round_trip(method: bytes, path: bytes, headers: list[tup
     assert (got.method, got.target) == (method, path)
     assert got.headers[1:1 + len(headers)] == [(k, v.strip()) for k, v in headers]
     assert _body(events) == body and events[-1][0] == END
+
+
+def test_two_host_headers_are_refused_and_connection_cannot_strip_host() -> None:
+    import pytest
+
+    from sidecar.http.codec import ProtocolError, RequestReader, request_head_bytes
+
+    reader = RequestReader()
+    with pytest.raises(ProtocolError) as info:
+        reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert info.value.status == 400 and "Host" in info.value.reason
+
+    reader = RequestReader()
+    reader.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: host, x-drop\r\nX-Drop: 1\r\n\r\n")
+    head = reader.events[0][1]
+    out = request_head_bytes(head, [], chunked=False)  # type: ignore[arg-type]
+    assert b"host: a\r\n" in out.lower() and b"x-drop" not in out.lower()

@@ -19,6 +19,8 @@ from typing import Protocol
 
 import trio
 
+from sidecar.fasttls import FastTLS
+
 
 class ByteIO(Protocol):
     """What the proxy needs from a connection: FastSocket, or any trio Stream (TLS)."""
@@ -94,7 +96,7 @@ def wait_recv_for(io: ByteIO) -> Callable[[int], Awaitable[bytes | bytearray]]:
 
 
 def socket_stream(stream: trio.abc.Stream) -> trio.SocketStream | None:
-    if isinstance(stream, trio.SSLStream):
+    if isinstance(stream, trio.SSLStream | FastTLS):
         stream = stream.transport_stream
     return stream if isinstance(stream, trio.SocketStream) else None
 

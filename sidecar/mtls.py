@@ -1,7 +1,8 @@
 """mTLS between sidecars, on top of the identity agent (sidecar/identity.py).
 
 Inbound (`InboundGate.handle`, the inbound listener's handler): each accepted TCP connection
-is wrapped with the agent's *current* server context (`agent.wrap_server`), so a renewal or a
+is wrapped with the agent's *current* server context (in `FastTLS`, sidecar/fasttls.py, the
+equivalent of `agent.wrap_server` without trio.SSLStream's per-call cost), so a renewal or a
 new trust bundle applies to the next connection with no restart; the caller's SPIFFE ID is
 checked before any request byte is read and handed to the proxy, which uses it as the verified
 source. Modes (`--mtls`, or `inbound.mtls` in the snapshot, read per connection):
@@ -31,6 +32,7 @@ from mesh import pki
 from mesh.snapshot import MTLS_MODES, Cluster, Endpoint
 from mesh.spiffe import SpiffeId, parse_spiffe_id
 from sidecar.fastio import close_now
+from sidecar.fasttls import FastTLS
 from sidecar.identity import IdentityAgent
 from sidecar.pool import ConnectFailed
 from sidecar.runtime import Runtime
@@ -89,10 +91,12 @@ class UpstreamTls:
         if not cluster.mtls:
             return tcp
         expected = self.expected(cluster)
-        stream = self.agent.wrap_client(tcp)
+        stream = FastTLS(tcp, self.agent.client_context(), server_side=False)
         try:
             with trio.fail_after(cluster.connect_timeout):
-                await self.agent.check_peer(stream, expected=expected)
+                await stream.do_handshake()
+            pki.check_peer_leaf(stream.getpeercert(), trust_domain=self.agent.trust_domain,
+                                expected=expected)
         except (trio.BrokenResourceError, trio.TooSlowError, pki.CertificateRefused,
                 OSError) as exc:
             flag = refusal_flag(exc)
@@ -139,9 +143,12 @@ class InboundGate:
                         return
                     tls = first == _TLS_HANDSHAKE
                 if tls:
-                    ssl_stream = self.agent.wrap_server(tcp)
-                    peer = await self.agent.check_peer(ssl_stream)
-                    stream = ssl_stream
+                    # The agent's *current* context: renewals apply to new connections.
+                    tls_stream = FastTLS(tcp, self.agent.server_context(), server_side=True)
+                    await tls_stream.do_handshake()
+                    peer = pki.check_peer_leaf(tls_stream.getpeercert(),
+                                               trust_domain=self.agent.trust_domain)
+                    stream = tls_stream
         except (trio.BrokenResourceError, trio.TooSlowError, pki.CertificateRefused,
                 OSError) as exc:
             flag = refusal_flag(exc)

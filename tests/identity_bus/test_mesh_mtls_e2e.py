@@ -150,10 +150,39 @@ async def test_permissive_accepts_plaintext_and_mtls(nats_server: NatsServer, pr
                                    client_snapshot(inventory=(inventory.inbound, None)))
     status, _, body = await http(checkout.outbound)
     assert status == 200 and app_headers(body)["x-mesh-peer-identity"] == ident("checkout")
+    # Big bodies both ways and an upgraded tunnel, over mTLS between the sidecars.
+    size = 3_000_000
+    reply = await raw(checkout.outbound, b"POST /count HTTP/1.1\r\nhost: inventory\r\n"
+                      b"content-length: %d\r\nconnection: close\r\n\r\n" % size
+                      + b"x" * size)
+    assert reply.startswith(b"HTTP/1.1 200") and b'"received": %d' % size in reply, reply[:300]
+    status, _, body = await http(checkout.outbound, f"/bytes/{size}")
+    assert status == 200 and len(body) == size
+    echo = await raw(checkout.outbound, b"GET /echo-upgrade HTTP/1.1\r\nhost: inventory\r\n"
+                     b"connection: upgrade\r\nupgrade: echo\r\n\r\n", b"ping over mTLS")
+    assert echo.startswith(b"HTTP/1.1 101") and echo.endswith(b"ping over mTLS"), echo
     # Plaintext is let through, with no verified identity (a forged header is dropped).
     status, _, body = await http(inventory.inbound, headers={
         "x-mesh-peer-identity": ident("checkout")})
     assert status == 200 and "x-mesh-peer-identity" not in app_headers(body)
+
+
+async def raw(port: int, data: bytes, then: bytes = b"") -> bytes:
+    """Send `data` (and `then` once something came back), read until EOF or quiet."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    out = b""
+    async with stream:
+        with trio.fail_after(15):
+            await stream.send_all(data)
+            if then:
+                out += await stream.receive_some(65536)
+                await stream.send_all(then)
+                while not out.endswith(then):
+                    out += await stream.receive_some(65536)
+                return out
+            while chunk := await stream.receive_some(65536):
+                out += chunk
+    return out
 
 
 async def test_no_certificate_no_start(nats_server: NatsServer, procs: Procs,

@@ -78,6 +78,7 @@ class NatsServer:
         self.spec = spec
         self.binary = binary or find_nats_server()
         self.process: trio.Process | None = None
+        self._auto_ports = (spec.port == 0, spec.http_port == 0)
         self._stopping = False
         self.exited = trio.Event()
 
@@ -107,24 +108,26 @@ class NatsServer:
         NatsServerError if it dies on its own.
         """
         spec = self.spec
-        spec.resolve_ports()
-        spec.state_dir.mkdir(parents=True, exist_ok=True)
-        conf = spec.state_dir / "nats.conf"
-        conf.write_text(spec.config_text())
         self._stopping = False
         self.exited = trio.Event()
-        # A local append-only log file: opening it does not block meaningfully.
-        with open(self.log_path, "ab") as logf:  # noqa: ASYNC230
-            self.process = await trio.lowlevel.open_process(
-                [*spec.exec_prefix, str(self.binary), "-c", str(conf)],
-                stdout=logf,
-                stderr=logf,
-                **child_kwargs(),
-            )
         try:
-            if wait_ready:
-                await self.wait_healthy()
+            for attempt in range(3):
+                spec.resolve_ports()
+                self.process = await self._spawn()
+                if not wait_ready:
+                    break
+                try:
+                    await self.wait_healthy()
+                    break
+                except NatsServerError as exc:
+                    await terminate(self.process)
+                    # Ports picked by free_port() can be taken before nats-server binds
+                    # them; pick again rather than fail a start-up over a race.
+                    if attempt == 2 or not self._repick_ports(str(exc)):
+                        raise
+                    log.info("nats-server %s: a port was taken meanwhile; retrying", spec.name)
             task_status.started(self)
+            assert self.process is not None
             code = await self.process.wait()
             if not self._stopping:
                 raise NatsServerError(
@@ -132,8 +135,36 @@ class NatsServer:
                     + self.log_tail()
                 )
         finally:
-            await terminate(self.process)
+            if self.process is not None:
+                await terminate(self.process)
             self.exited.set()
+
+    async def _spawn(self) -> trio.Process:
+        spec = self.spec
+        spec.state_dir.mkdir(parents=True, exist_ok=True)
+        conf = spec.state_dir / "nats.conf"
+        conf.write_text(spec.config_text())
+        # A local append-only log file: opening it does not block meaningfully.
+        with open(self.log_path, "ab") as logf:  # noqa: ASYNC230
+            return await trio.lowlevel.open_process(
+                [*spec.exec_prefix, str(self.binary), "-c", str(conf)],
+                stdout=logf,
+                stderr=logf,
+                **child_kwargs(),
+            )
+
+    def _repick_ports(self, failure: str) -> bool:
+        """After a bind clash, forget the ports we picked ourselves. False: nothing to do."""
+        if "address already in use" not in failure:
+            return False
+        auto_port, auto_http = self._auto_ports
+        if not (auto_port or auto_http):
+            return False
+        if auto_port:
+            self.spec.port = 0
+        if auto_http:
+            self.spec.http_port = 0
+        return True
 
     async def wait_healthy(self, timeout: float = 15.0) -> None:
         """Poll /healthz until it answers 200, failing early if the process dies."""
@@ -211,12 +242,17 @@ class NatsCluster:
             size = len(hosts)
         if size < 1:
             raise NatsServerError(f"a cluster needs at least one node, not {size}")
+        self._args = (size, state_dir, host, binary, list(hosts or []))
+        self.nodes: list[NatsServer] = self._build()
+
+    def _build(self) -> list[NatsServer]:
+        size, state_dir, host, binary, hosts = self._args
         if hosts:
             addrs = [(h, 4222, 8222, 6222 if size > 1 else 0, prefix) for h, prefix in hosts]
         else:
             cports = [free_port(host) for _ in range(size)] if size > 1 else [0]
             addrs = [(host, 0, 0, cports[i], []) for i in range(size)]
-        self.nodes: list[NatsServer] = []
+        nodes = []
         for i, (addr, port, http_port, cport, prefix) in enumerate(addrs):
             routes = [f"nats-route://{a[0]}:{a[3]}" for j, a in enumerate(addrs) if j != i and a[3]]
             spec = NodeSpec(
@@ -229,7 +265,8 @@ class NatsCluster:
                 routes=routes,
                 exec_prefix=list(prefix),
             )
-            self.nodes.append(NatsServer(spec, binary))
+            nodes.append(NatsServer(spec, binary))
+        return nodes
 
     @property
     def urls(self) -> list[str]:
@@ -241,17 +278,31 @@ class NatsCluster:
         ready_timeout: float = 30.0,
         task_status: trio.TaskStatus[NatsCluster] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        with unwrap_single():
-            async with trio.open_nursery() as nursery:
-                for node in self.nodes:
-                    await nursery.start(functools.partial(node.run, wait_ready=False))
-                # One deadline for the whole cluster; each wait raises NatsServerError.
-                deadline = trio.current_time() + ready_timeout
-                for node in self.nodes:
-                    await node.wait_healthy(max(0.1, deadline - trio.current_time()))
-                await self.wait_meta_leader(self.nodes, max(0.1, deadline - trio.current_time()))
-                log.info("NATS cluster ready: %s", ", ".join(self.urls))
-                task_status.started(self)
+        started = False
+        for attempt in range(3):
+            try:
+                with unwrap_single():
+                    async with trio.open_nursery() as nursery:
+                        for node in self.nodes:
+                            await nursery.start(functools.partial(node.run, wait_ready=False))
+                        # One deadline for the whole cluster; each wait raises NatsServerError.
+                        deadline = trio.current_time() + ready_timeout
+                        for node in self.nodes:
+                            await node.wait_healthy(max(0.1, deadline - trio.current_time()))
+                        await self.wait_meta_leader(
+                            self.nodes, max(0.1, deadline - trio.current_time())
+                        )
+                        log.info("NATS cluster ready: %s", ", ".join(self.urls))
+                        started = True
+                        task_status.started(self)
+                return
+            except NatsServerError as exc:
+                # Ports picked by free_port() can be taken before the nodes bind them.
+                clash = "address already in use" in str(exc) and not self._args[4]
+                if started or not clash or attempt == 2:
+                    raise
+                log.info("NATS cluster: a port was taken meanwhile; retrying with new ports")
+                self.nodes = self._build()
 
     async def wait_meta_leader(self, nodes: Sequence[NatsServer], timeout: float = 30.0) -> str:
         """Wait until every given node agrees on one JetStream meta leader."""

@@ -22,7 +22,7 @@ async def cancel_on_signals(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_parent, scope)
+            nursery.start_soon(watch_parent, scope)
             async for signum in signals:
                 log.warning("%s received: shutting down", signal.Signals(signum).name)
                 scope.cancel()
@@ -30,8 +30,9 @@ async def cancel_on_signals(
                 return
 
 
-async def _watch_parent(scope: trio.CancelScope) -> None:
-    """A supervised child outlives a SIGKILLed supervisor only by about a second."""
+async def watch_parent(scope: trio.CancelScope) -> None:
+    """Cancel `scope` when the supervisor that started us (MESH_PARENT_PID) is gone, so a
+    supervised child outlives a SIGKILLed supervisor only by about a second."""
     try:
         parent = int(os.environ.get(PARENT_ENV, "0"))
     except ValueError:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import trio
 
 from bus.client import BusOptions, connect, redact_url
 from bus.errors import BusConnectError
+from bus.http_probe import http_get
 from deploy.supervisor import ChildFailed, ChildProcess
 from mesh.processes import free_port
 
@@ -54,3 +58,49 @@ async def test_credentials_never_appear_in_errors() -> None:
         async with connect(url, connect_timeout=0.5):
             pass
     assert "s3cret" not in str(info.value) and "127.0.0.1" in str(info.value)
+
+
+async def test_a_sidecar_exits_when_its_supervisor_is_killed(tmp_path: Path) -> None:
+    snap = tmp_path / "s.yaml"
+    snap.write_text("version: '1'\n")
+    parent_script = (
+        "import subprocess, sys\n"
+        "from mesh.processes import child_kwargs\n"
+        f"p = subprocess.Popen([sys.executable, '-m', 'mesh', 'sidecar', '--service', 's', '--app-port', '9',"
+        f" '--config', {str(snap)!r}, '--outbound-port', '0', '--inbound-port', '0', '--admin-port', '0'],"
+        " stdout=subprocess.PIPE, **child_kwargs())\n"
+        "print(p.pid, flush=True); print(p.stdout.readline().decode(), flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    parent = await trio.lowlevel.open_process([sys.executable, "-c", parent_script], stdout=subprocess.PIPE)
+    sidecar_pid = 0
+    try:
+        assert parent.stdout is not None
+        out = b""
+        with trio.fail_after(30):
+            while b"ready" not in out:
+                out += await parent.stdout.receive_some(4096)
+        pid_line, ready_line = out.split(b"\n", 2)[:2]
+        sidecar_pid = int(pid_line)
+        admin = json.loads(ready_line)["admin"]
+        # Serving before the supervisor dies, so its exit afterwards is the parent watch.
+        status, _ = await http_get("127.0.0.1", admin, "/healthz")
+        assert status == 200
+        parent.kill()
+        await parent.wait()
+        with trio.fail_after(15):
+            while not gone(sidecar_pid) and not zombie(sidecar_pid):
+                await trio.sleep(0.1)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+        if sidecar_pid and not gone(sidecar_pid):
+            os.kill(sidecar_pid, 9)
+
+
+def zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] == "Z"
+    except OSError:
+        return True

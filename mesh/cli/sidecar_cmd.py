@@ -13,6 +13,7 @@ import trio
 
 from mesh.cli.sidecar_identity import add_identity_flags, identity_config, run_identity
 from mesh.errors import ConfigError, MeshError
+from mesh.signals import watch_parent
 from mesh.snapshot import Snapshot, load_snapshot
 
 
@@ -70,6 +71,22 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
+                ready = False
+
+                # Signals are handled from the start: a sidecar still waiting for its first
+                # certificate or for NATS must stop on SIGTERM, not after its deadline.
+                async def handle_signals() -> None:
+                    async for signum in signals:
+                        if signum == signal.SIGHUP:
+                            sidecar.reload()
+                        else:
+                            if sync is not None and ready:
+                                await sync.leave()
+                            nursery.cancel_scope.cancel()
+                            return
+
+                nursery.start_soon(handle_signals)
+                nursery.start_soon(watch_parent, nursery.cancel_scope)
                 if identity is not None:  # ready only with a certificate (or exit)
                     await nursery.start(run_identity, identity, sidecar)
                 ports = await nursery.start(sidecar.run)
@@ -90,14 +107,7 @@ def run(args: argparse.Namespace) -> int:
                         raise ConfigError(f"--ready-file {args.ready_file}: cannot write: "
                                           f"{exc.strerror}") from None
                 print(line, flush=True)
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        sidecar.reload()
-                    else:
-                        if sync is not None:
-                            await sync.leave()
-                        nursery.cancel_scope.cancel()
-                        break
+                ready = True
 
     try:
         trio.run(main)

@@ -176,10 +176,6 @@ def compile_service(
     }
     try:
         checked = Snapshot.from_dict(raw).to_dict()
-        for svc in checked["services"]:
-            for route in svc["routes"]:
-                if not route.get("split"):  # to_dict writes {} for "no split", which
-                    route.pop("split", None)  # from_dict refuses: leave it out
         Snapshot.from_dict(checked)  # what every sidecar will do with it
     except ConfigError as exc:
         raise ConfigError(f"compiling the snapshot for {service!r}: {exc}") from None

@@ -691,11 +691,13 @@ def _fault_to_dict(f: Fault) -> dict[str, Any]:
 def _route_to_dict(r: Route) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": r.name, "match": _match_to_dict(r.match), "cluster": r.cluster,
-        "split": dict(r.split), "timeout": r.timeout,
+        "timeout": r.timeout,
         "retries": {"attempts": r.retries.attempts, "per_try_timeout": r.retries.per_try_timeout,
                     "on": [*r.retries.on, *r.retries.statuses],
                     "backoff": {"base": r.retries.backoff.base, "max": r.retries.backoff.max}},
     }
+    if r.split:  # no split means "the cluster's only subset"; {} would not load back
+        out["split"] = dict(r.split)
     if r.fault is not None:
         out["fault"] = _fault_to_dict(r.fault)
     return out

@@ -160,3 +160,15 @@ def test_mutated_valid_snapshots_give_a_snapshot_or_a_config_error(data: st.Data
         Snapshot.from_dict(doc)
     except ConfigError as exc:
         assert str(exc)
+
+
+def test_to_dict_loads_back_to_the_same_snapshot() -> None:
+    from mesh.snapshot import Snapshot
+
+    data = {
+        "version": "1",
+        "services": [{"name": "a", "routes": [{"name": "only"}]}],  # no split: one subset
+        "clusters": [{"name": "a", "subsets": {"v1": ["127.0.0.1:1"]}}],
+    }
+    snap = Snapshot.from_dict(data)
+    assert Snapshot.from_dict(snap.to_dict()) == snap

@@ -92,7 +92,9 @@ def io_for(stream: trio.abc.Stream) -> ByteIO:
 
 def wait_recv_for(io: ByteIO) -> Callable[[int], Awaitable[bytes | bytearray]]:
     """The read to use where data is rarely ready at once."""
-    return io.receive_after_wait if isinstance(io, FastSocket) else io.receive_some
+    if isinstance(io, FastSocket | FastTLS):
+        return io.receive_after_wait
+    return io.receive_some
 
 
 def socket_stream(stream: trio.abc.Stream) -> trio.SocketStream | None:

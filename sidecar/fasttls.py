@@ -62,8 +62,10 @@ class FastTLS(trio.abc.Stream):
         finally:
             self._flushing = False
 
-    async def _fill(self) -> bool:
+    async def _fill(self, wait_first: bool = False) -> bool:
         """Read encrypted bytes into the incoming BIO; False at EOF."""
+        if wait_first:
+            await trio.lowlevel.wait_readable(self._sock)
         while True:
             try:
                 data = os.read(self._sock.fileno(), _RECV)
@@ -97,15 +99,23 @@ class FastTLS(trio.abc.Stream):
         return self._obj.getpeercert(binary_form=True)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        n = max_bytes or _RECV
+        return await self._receive(max_bytes or _RECV, False)
+
+    async def receive_after_wait(self, max_bytes: int = _RECV) -> bytes:
+        """For reads rarely ready at once (see FastSocket.receive_after_wait)."""
+        return await self._receive(max_bytes, True)
+
+    async def _receive(self, n: int, wait_first: bool) -> bytes:
+        if not self._in.pending and not self._obj.pending():
+            # Nothing buffered: read the socket first rather than fail a TLS read.
+            await self._fill(wait_first)  # at EOF the BIO's EOF ends the read below
         while True:
             try:
                 return self._obj.read(n)
             except ssl.SSLWantReadError:
                 if self._out.pending:
                     await self._flush()
-                if not await self._fill():
-                    continue  # the BIO's EOF makes the next read end the stream
+                await self._fill()
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
             except ssl.SSLError as exc:

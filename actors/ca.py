@@ -316,7 +316,13 @@ class _LeaderState:
                         reply = await self.command(delivery.body)
                 except MeshError as exc:
                     reply = self.status(False, str(exc), reason=type(exc).__name__)
-                self.bus.reply(delivery, reply)
+                except Exception as exc:  # e.g. a corrupt record in KV: answer, don't crash the leader
+                    log.exception("CA command %s failed", delivery.body.action)
+                    reply = self.status(False, f"internal error: {type(exc).__name__}: {exc}", reason="internal")
+                try:
+                    self.bus.reply(delivery, reply)
+                except MeshError as exc:
+                    log.warning("CA command reply not sent: %s", exc)
 
     def status(self, ok: bool, message: str, *, reason: str = "") -> CaCommandReply:
         ca = self.ca

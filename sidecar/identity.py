@@ -294,7 +294,10 @@ class IdentityAgent:
         # Never install a chain that peers would refuse.
         pki.verify_svid(issued.chain, bundle, expected=self.identity, now=received)
         svid = pki.Svid(issued, key)
-        signing = x509.load_der_x509_certificate(reply.signing_ca) if reply.signing_ca else None
+        try:
+            signing = x509.load_der_x509_certificate(reply.signing_ca) if reply.signing_ca else None
+        except ValueError as exc:  # a malformed reply is the CA's problem, not a crash of ours
+            raise pki.NotAnSvid(f"the CA sent a signing certificate that does not parse: {exc}") from None
         self._install(svid, bundle, signing, received)
 
     def _install(

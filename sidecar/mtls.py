@@ -61,7 +61,7 @@ def _describe(exc: BaseException) -> str:
     if refused is not None:
         return str(refused)
     if isinstance(exc, trio.TooSlowError):
-        return f"no TLS handshake within {HANDSHAKE_TIMEOUT:g}s"
+        return "the TLS handshake did not finish in time"
     cause = exc.__cause__ or exc.__context__
     return str(cause or exc) or type(exc).__name__
 

@@ -19,9 +19,11 @@ One key per lease (``mesh_leases/<name>``) holds a ``LeaseRecord`` (holder, ttl)
 * **Release**: a clean stop deletes the key (conditional on the holder's revision), so a
   standby takes over on its next poll instead of waiting for the ttl.
 
-A holder that finds a record under its *own* holder name (its previous incarnation crashed and
-was restarted by the supervisor) takes it back at once. Holder names must therefore be unique
-per live process: the control plane uses the replica name.
+A holder that finds a record under its *own* holder identity (its previous incarnation crashed
+and was restarted by the actor supervisor, in the same process) takes it back at once. The
+identity stored is the holder name plus a random id per process, so two processes given the
+same name (a second `mesh up` against the same NATS, say) compete instead of co-leading; a
+restarted *process* waits out the ttl like any standby.
 
 Use::
 
@@ -37,6 +39,7 @@ or, for one term::
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -54,6 +57,9 @@ from mesh.messages import LeaseRecord, MessageError, decode_as, encode
 log = logging.getLogger("mesh.lease")
 
 __all__ = ["Lease", "LeaseLost", "LeaseTerm", "open_leases"]
+
+# Distinguishes this process from any other using the same holder name.
+_PROCESS_ID = secrets.token_hex(4)
 
 # Fraction of the ttl after the last confirmed heartbeat at which a holder gives up.
 _STEP_DOWN = 0.75
@@ -96,12 +102,13 @@ class Lease:
         self.kv = kv
         self.name = subjects.token(name)
         self.holder = holder
+        self._identity = f"{holder}#{_PROCESS_ID}"
         self.ttl = ttl
         self.poll = poll if poll is not None else min(0.5, ttl / 5)
         self.term: LeaseTerm | None = None
 
     def _value(self) -> bytes:
-        return encode(LeaseRecord(holder=self.holder, ttl=self.ttl))
+        return encode(LeaseRecord(holder=self._identity, ttl=self.ttl))
 
     async def current_holder(self) -> str | None:
         """Who holds the lease now as stored (may be a dead holder not yet expired)."""
@@ -109,7 +116,7 @@ class Lease:
         if entry is None:
             return None
         try:
-            return decode_as(entry.value, LeaseRecord).holder
+            return decode_as(entry.value, LeaseRecord).holder.split("#", 1)[0]
         except MessageError:
             return None
 
@@ -129,38 +136,42 @@ class Lease:
             try:
                 if entry is None:
                     rev = await self.kv.create(self.name, self._value())
-                    return self._won(rev, "free")
+                    return self._won(rev, "free", now)
                 try:
                     record: LeaseRecord | None = decode_as(entry.value, LeaseRecord)
                 except MessageError:
                     record = None  # garbage in the key: treat as expired once it stays put
-                if record is not None and record.holder == self.holder:
+                if record is not None and record.holder == self._identity:
                     rev = await self.kv.update(self.name, self._value(), entry.revision)
-                    return self._won(rev, "own previous record")
+                    return self._won(rev, "own previous record", now)
                 if entry.revision != seen_rev:
                     seen_rev, seen_at = entry.revision, now
                 else:
                     ttl = record.ttl if record is not None and record.ttl > 0 else self.ttl
                     if now - seen_at >= ttl:
                         rev = await self.kv.update(self.name, self._value(), entry.revision)
-                        old = record.holder if record else "?"
-                        return self._won(rev, f"{old} silent for {ttl:g} s")
+                        old = record.holder.split("#", 1)[0] if record else "?"
+                        return self._won(rev, f"{old} silent for {ttl:g} s", now)
             except KVConflict:
                 seen_rev = None  # someone else moved first: watch the new revision
             except BusError as exc:
                 log.warning("lease %s: write failed (%s); retrying", self.name, exc)
             await trio.sleep(self.poll)
 
-    def _won(self, revision: int, why: str) -> LeaseTerm:
+    def _won(self, revision: int, why: str, sent_at: float) -> LeaseTerm:
+        """`sent_at`: when the winning write was sent; the safety margin counts from there,
+        not from its (possibly slow) reply."""
         log.info("lease %s: %s is leader (%s)", self.name, self.holder, why)
         now = trio.current_time()
-        self.term = LeaseTerm(self.name, self.holder, revision, now, now + _STEP_DOWN * self.ttl)
+        self.term = LeaseTerm(
+            self.name, self.holder, revision, now, sent_at + _STEP_DOWN * self.ttl
+        )
         return self.term
 
     async def _heartbeat(self, term: LeaseTerm) -> None:
         """Renew by CAS every ttl/3; raise LeaseLost on a conflict or when unconfirmed too long."""
         interval = self.ttl / 3
-        last_ok = trio.current_time()
+        last_ok = term.confirmed_until - _STEP_DOWN * self.ttl  # when the winning write was sent
         while True:
             await trio.sleep_until(last_ok + interval)
             give_up_at = last_ok + _STEP_DOWN * self.ttl
@@ -202,7 +213,7 @@ class Lease:
             holder = decode_as(entry.value, LeaseRecord).holder
         except MessageError:
             return False
-        if holder != self.holder:
+        if holder != self._identity:
             return False
         term.revision = entry.revision
         return True

@@ -13,7 +13,6 @@ import trio
 from actors.lease import Lease, LeaseLost, LeaseTerm, open_leases
 from bus.client import connect
 from bus.server import NatsServer
-from mesh.messages import LeaseRecord, encode
 from mesh.processes import child_kwargs, terminate
 
 HERE = Path(__file__).parent
@@ -168,7 +167,23 @@ async def test_a_late_landing_heartbeat_of_our_own_is_not_a_takeover(
         with trio.fail_after(5):
             async with lease.held() as term:
                 stale = term.revision
-                await kv.update("late", encode(LeaseRecord(holder="a", ttl=0.6)), stale)
+                await kv.update("late", lease._value(), stale)  # exactly what its heartbeat writes
                 while term.revision <= stale + 1:  # the heartbeat moved past the late write
                     await trio.sleep(0.05)
                 assert term.valid() and await lease.current_holder() == "a"
+
+
+async def test_two_processes_with_one_holder_name_do_not_co_lead(nats_server: NatsServer) -> None:
+    """A second `mesh up` against the same NATS names its replica cp-1 too: it must wait."""
+    import actors.lease as lease_module
+
+    async with connect(nats_server.url) as bus:
+        kv = await open_leases(bus)
+        first = Lease(kv, "dup", "cp-1", ttl=5.0)
+        async with first.held():
+            other = Lease(kv, "dup", "cp-1", ttl=5.0)
+            other._identity = "cp-1#" + "0" * 8  # as another process's would differ
+            assert other._identity != first._identity and lease_module._PROCESS_ID
+            with trio.move_on_after(1.0) as waited:
+                await other.acquire()
+            assert waited.cancelled_caught, "a same-named holder in another process took the lease"

@@ -119,7 +119,7 @@ async def test_dead_url_fails_clearly_within_bounded_time() -> None:
     elapsed = trio.current_time() - start
     assert url in str(info.value)
     assert "within 1 s" in str(info.value)
-    assert elapsed < 4
+    assert elapsed < 8  # connect_timeout 1 s, plus generous slack for a loaded machine
 
 
 async def test_bad_url_is_refused() -> None:

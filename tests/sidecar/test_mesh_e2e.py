@@ -257,7 +257,8 @@ def test_per_try_timeout_is_retried_then_flagged(mesh: Mesh) -> None:
     t0 = time.monotonic()
     status, headers, _ = request(mesh.client.outbound, "/slow", host="pertry")
     assert (status, headers["x-mesh-flags"]) == (504, "UT,URX")
-    assert 0.5 < time.monotonic() - t0 < 2.0  # two tries of 0.3 s, not the 5 s timeout
+    # Two tries of 0.3 s, not the 5 s overall timeout (generous: CI machines are slow).
+    assert 0.5 < time.monotonic() - t0 < 4.5
 
 
 def test_retry_budget_exhausted(mesh: Mesh) -> None:

@@ -101,7 +101,7 @@ def test_slow_client_header_timeout(side: Sidecar) -> None:
     reply = raw_exchange(side.inbound, b"GET / HTTP/1.1\r\nhost: a\r\n", timeout=5)
     assert _status(reply) == 408
     assert _header(reply, b"x-mesh-flags") == b"DT"
-    assert time.monotonic() - t0 < 4  # the 0.5 s limit, not our 5 s read timeout
+    assert time.monotonic() - t0 < 4.5  # the 0.5 s limit, not our 5 s read timeout
 
 
 def test_slow_client_body_timeout(side: Sidecar) -> None:
@@ -319,6 +319,7 @@ def test_idle_keep_alive_connection_is_closed(side: Sidecar) -> None:
         assert request(side.inbound, "/anything", conn=conn)[0] == 200
         t0 = time.monotonic()
         assert conn.sock.recv(65536) == b""  # closed by the sidecar, silently
-        assert 0.8 < time.monotonic() - t0 < 4
+        # At the idle limit, not early; a late close would raise the 5 s socket timeout.
+        assert 0.8 < time.monotonic() - t0
     finally:
         conn.close()

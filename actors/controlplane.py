@@ -19,7 +19,13 @@ log = logging.getLogger("mesh.controlplane")
 
 
 def default_actors() -> list[Actor]:
-    return [PingActor(), CaActor(), TelemetryActor.from_env(), DashboardActor.from_env(), ConfigActor()]
+    return [
+        PingActor(),
+        CaActor(),
+        TelemetryActor.from_env(),
+        DashboardActor.from_env(),
+        ConfigActor(),
+    ]
 
 
 async def run_replica(

@@ -127,7 +127,7 @@ class Hop:
         self.trace_id = trace_id
         self.span_id = span_id
         self.sampled = bool(flags & 1)
-        self.traceparent = format_traceparent(trace_id, span_id, flags)
+        self.traceparent = f"00-{trace_id}-{span_id}-{flags & 0xFF:02x}"
         self.tracestate = tracestate
 
     def finish(self, status: int, flags: str = "", **attrs: Any) -> None:
@@ -144,11 +144,8 @@ class Hop:
         span.end()
 
 
-def _nonzero_bits(rng: random.Random, bits: int) -> int:
-    while True:
-        v = rng.getrandbits(bits)
-        if v:
-            return v
+# Bit 0 of the span id and bit 0 of the trace id (bit 64 of the 192-bit draw) set.
+_LOW_BITS = 1 | (1 << 64)
 
 
 class HopTracer:
@@ -182,17 +179,22 @@ class HopTracer:
         kind: SpanKind = SpanKind.SERVER,
         attributes: dict[str, Any] | None = None,
     ) -> Hop:
-        parent = parse_traceparent(traceparent)
+        rng = self._rng
+        parent = parse_traceparent(traceparent) if traceparent else None
         if parent is None:
-            sampled = self._rng.random() < self.sample_ratio
+            sampled = rng.random() < self.sample_ratio
+            if not sampled:
+                # The common case: a new, unsampled trace. One draw gives both ids; the two
+                # forced bits keep them non-zero, as the spec requires.
+                ids = f"{rng.getrandbits(192) | _LOW_BITS:048x}"
+                return Hop(None, ids[:32], ids[32:], 0, "")
             state = ""
         else:
             sampled = parent.sampled
-            state = clean_tracestate(tracestate)
-        if not sampled:
-            trace_id = parent.trace_id if parent else f"{_nonzero_bits(self._rng, 128):032x}"
-            flags = parent.flags if parent else 0
-            return Hop(None, trace_id, f"{_nonzero_bits(self._rng, 64):016x}", flags, state)
+            state = clean_tracestate(tracestate) if tracestate else ""
+            if not sampled:
+                span_id = f"{rng.getrandbits(64) | 1:016x}"
+                return Hop(None, parent.trace_id, span_id, parent.flags, state)
         context = None
         if parent is not None:
             remote = SpanContext(

@@ -95,6 +95,7 @@ def test_sampling_is_decided_once_and_followed_downstream() -> None:
     rest = [HopTracer(s, sample_ratio=1.0) for s in ("backend", "db")]
     hops = _three_hops([first, *rest])
     assert len({h.trace_id for h in hops}) == 1  # propagated even when not sampled
+    assert all(parse_traceparent(h.traceparent) is not None for h in hops)
     assert len({h.span_id for h in hops}) == 3
     assert not any(h.sampled for h in hops)
     assert all(not t.collector.take() for t in (first, *rest))

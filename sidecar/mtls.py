@@ -7,7 +7,8 @@ new trust bundle applies to the next connection with no restart; the caller's SP
 checked before any request byte is read and handed to the proxy, which uses it as the verified
 source. Modes (`--mtls`, or `inbound.mtls` in the snapshot, read per connection):
 
-- STRICT: TLS with a client SVID chaining to the bundle, nothing else;
+- STRICT: TLS with a client SVID chaining to the bundle, nothing else (plaintext is told by
+  its first byte and refused with the flag `plaintext`);
 - PERMISSIVE: the same, or plaintext: the first byte tells (0x16 opens a TLS handshake);
 - DISABLE: plaintext only (and no mTLS on outbound connections either).
 
@@ -50,6 +51,10 @@ class TlsRefused(ConnectFailed):
     """The upstream's TLS handshake or identity check failed."""
 
 
+class PlaintextRefused(Exception):
+    """STRICT: the client's first byte does not start a TLS handshake."""
+
+
 def refusal_flag(exc: BaseException) -> str:
     """The log/metrics flag of a failed handshake: a refusal reason, else `handshake`."""
     refused = exc if isinstance(exc, pki.CertificateRefused) else pki.classify_tls_failure(exc)
@@ -62,6 +67,8 @@ def _describe(exc: BaseException) -> str:
         return str(refused)
     if isinstance(exc, trio.TooSlowError):
         return "the TLS handshake did not finish in time"
+    if isinstance(exc, PlaintextRefused):
+        return str(exc)
     cause = exc.__cause__ or exc.__context__
     return str(cause or exc) or type(exc).__name__
 
@@ -135,13 +142,16 @@ class InboundGate:
         peer: SpiffeId | None = None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                tls = mode == "STRICT"
-                if mode == "PERMISSIVE":
+                tls = False
+                if mode != "DISABLE":
                     first = await _first_byte(tcp)
                     if first is None:
                         close_now(tcp)
                         return
                     tls = first == _TLS_HANDSHAKE
+                    if not tls and mode == "STRICT":
+                        raise PlaintextRefused("plaintext connection (STRICT mTLS requires "
+                                               "TLS with a client certificate)")
                 if tls:
                     # The agent's *current* context: renewals apply to new connections.
                     tls_stream = FastTLS(tcp, self.agent.server_context(), server_side=True)
@@ -150,8 +160,8 @@ class InboundGate:
                                                trust_domain=self.agent.trust_domain)
                     stream = tls_stream
         except (trio.BrokenResourceError, trio.TooSlowError, pki.CertificateRefused,
-                OSError) as exc:
-            flag = refusal_flag(exc)
+                PlaintextRefused, OSError) as exc:
+            flag = "plaintext" if isinstance(exc, PlaintextRefused) else refusal_flag(exc)
             self.stats.tls_refused[("inbound", flag)] += 1
             where = _peer_address(tcp)
             log.warning("mTLS from %s refused [%s]: %s", where, flag, _describe(exc))

@@ -121,7 +121,7 @@ async def test_mtls_identity_refusals_and_authz(nats_server: NatsServer, procs: 
         while await metric(inventory.admin, "mesh_sidecar_tls_refused_total",
                            'direction="inbound"') < 3:
             await trio.sleep(0.05)
-    for flag in ("unknown-issuer", "expired"):
+    for flag in ("unknown-issuer", "expired", "plaintext"):
         assert await metric(inventory.admin, "mesh_sidecar_tls_refused_total",
                             f'flag="{flag}"') == 1, flag
         assert f"[{flag}]" in inventory.stderr()

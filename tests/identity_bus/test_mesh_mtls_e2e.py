@@ -38,12 +38,14 @@ async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
 
 
 async def start_sidecar(mesh: Mesh, procs: Procs, nats: str, service: str, app_port: int,
-                        snapshot: dict[str, Any], *extra: str) -> Proc:
+                        snapshot: dict[str, Any], *extra: str, by_namespace: bool = False
+                        ) -> Proc:
     token_file = procs.tmp / f"token-{service}-{len(procs.procs)}"
     token_file.write_text(await mesh.token("shop", service))
-    return await procs.sidecar(service, app_port, snapshot, "--nats", nats,
-                               "--identity", ident(service), "--token-file", str(token_file),
-                               *extra)
+    # --namespace: the trust domain is the running CA's, the service account --service
+    who = ["--namespace", "shop"] if by_namespace else ["--identity", ident(service)]
+    return await procs.sidecar(service, app_port, snapshot, "--nats", nats, *who,
+                               "--token-file", str(token_file), *extra)
 
 
 def client_snapshot(**targets: tuple[int, str | None]) -> dict[str, Any]:
@@ -147,7 +149,8 @@ async def test_permissive_accepts_plaintext_and_mtls(nats_server: NatsServer, pr
     inventory = await start_sidecar(mesh, procs, nats_server.url, "inventory", inv_app,
                                     {"version": "1"}, "--mtls", "PERMISSIVE")
     checkout = await start_sidecar(mesh, procs, nats_server.url, "checkout", 1,
-                                   client_snapshot(inventory=(inventory.inbound, None)))
+                                   client_snapshot(inventory=(inventory.inbound, None)),
+                                   by_namespace=True)
     status, _, body = await http(checkout.outbound)
     assert status == 200 and app_headers(body)["x-mesh-peer-identity"] == ident("checkout")
     # Big bodies both ways and an upgraded tunnel, over mTLS between the sidecars.

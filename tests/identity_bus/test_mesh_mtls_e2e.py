@@ -201,6 +201,18 @@ async def test_no_certificate_no_start(nats_server: NatsServer, procs: Procs,
     assert "Traceback" not in err
 
 
+async def test_no_ca_no_start(nats_server: NatsServer, procs: Procs) -> None:
+    path = procs.tmp / "snap.yaml"
+    path.write_text("version: '1'\n")
+    code, err = await procs.run_to_exit([
+        *_sidecar_cmd(path), "--nats", nats_server.url, "--identity", ident("checkout"),
+        "--token", "tmj1.0123456789abcdef.x", "--identity-timeout", "2"])
+    errors = [x for x in err.splitlines() if "error:" in x]
+    assert code == 1 and len(errors) == 1, err
+    assert "no certificate for " + ident("checkout") in errors[0] and "within 2s" in errors[0]
+    assert "Traceback" not in err
+
+
 def _sidecar_cmd(path: Path) -> list[str]:
     from mtls_procs import MESH
 

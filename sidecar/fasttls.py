@@ -8,8 +8,9 @@ scheduler round trip; on the proxy path that is most of what mTLS costs. `FastTL
 proxy checkpoints explicitly where a loop could otherwise never wait.
 
 Concurrency: one reader and one writer task at a time (a tunnel pumps both ways). Encrypted
-bytes leave through one flusher at a time, which drains the outgoing BIO until it is empty,
-so records from the two directions are never reordered.
+bytes leave through one flusher at a time (a second one waits for it), which drains the
+outgoing BIO until it is empty, so records are never reordered and writers keep the socket's
+back-pressure.
 
 Failures: TLS errors come out as `trio.BrokenResourceError` whose cause is the `ssl` error,
 so `pki.classify_tls_failure` reads them like trio's.
@@ -28,7 +29,7 @@ _RECV = 65536
 
 
 class FastTLS(trio.abc.Stream):
-    __slots__ = ("_flushing", "_in", "_obj", "_out", "_sock", "transport_stream")
+    __slots__ = ("_flushed", "_flushing", "_in", "_obj", "_out", "_sock", "transport_stream")
 
     def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext, *,
                  server_side: bool) -> None:
@@ -39,12 +40,17 @@ class FastTLS(trio.abc.Stream):
         self._obj = context.wrap_bio(self._in, self._out, server_side=server_side,
                                      server_hostname=None)
         self._flushing = False
+        self._flushed: trio.Event | None = None  # created only when a second flusher waits
 
     # -- raw bytes ------------------------------------------------------------------------------
 
     async def _flush(self) -> None:
-        if self._flushing:  # the active flusher drains what we queued too
-            return
+        while self._flushing:
+            # One flusher at a time (records must not interleave); wait for it rather than
+            # return, so a writer still gets back-pressure from the socket.
+            if self._flushed is None:
+                self._flushed = trio.Event()
+            await self._flushed.wait()
         self._flushing = True
         try:
             while True:
@@ -61,6 +67,9 @@ class FastTLS(trio.abc.Stream):
                     view = view[n:]
         finally:
             self._flushing = False
+            if self._flushed is not None:
+                self._flushed.set()
+                self._flushed = None
 
     async def _fill(self, wait_first: bool = False) -> bool:
         """Read encrypted bytes into the incoming BIO; False at EOF."""

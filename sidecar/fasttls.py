@@ -18,6 +18,7 @@ so `pki.classify_tls_failure` reads them like trio's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 
@@ -102,7 +103,15 @@ class FastTLS(trio.abc.Stream):
                                                        ) from None
             await self._flush()
         except ssl.SSLError as exc:
+            self._send_alert_nowait()
             raise trio.BrokenResourceError(f"TLS handshake failed: {exc}") from exc
+
+    def _send_alert_nowait(self) -> None:
+        """Best effort: let the peer read why (e.g. `unknown ca`) instead of a bare close."""
+        data = self._out.read()
+        if data and not self._flushing:
+            with contextlib.suppress(OSError):
+                os.write(self._sock.fileno(), data)
 
     def getpeercert(self, binary_form: bool = True) -> bytes | None:
         return self._obj.getpeercert(binary_form=True)

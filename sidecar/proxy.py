@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 
 import trio
@@ -49,6 +50,8 @@ from sidecar.route import CompiledRoute
 from sidecar.runtime import Runtime
 from sidecar.splice import splice
 from sidecar.stats import Stats
+from sidecar.telemetry import SidecarTelemetry
+from sidecar.tracing import Hop
 
 log = logging.getLogger("mesh.sidecar")
 
@@ -61,6 +64,9 @@ IDLE, HEADER, BODY_READ, UPSTREAM, STREAMING, TUNNEL = range(6)
 PEER_IDENTITY = b"x-mesh-peer-identity"  # the mTLS-verified caller, set by the inbound side
 _SOURCE = frozenset({b"x-mesh-source", PEER_IDENTITY})
 _NOTHING: frozenset[bytes] = frozenset({PEER_IDENTITY})  # inbound: only we may say who called
+_TRACE = frozenset({b"traceparent", b"tracestate"})  # replaced by this hop's, when tracing
+_SOURCE_TRACE = _SOURCE | _TRACE
+_NOTHING_TRACE = _NOTHING | _TRACE
 
 
 class ClientGone(Exception):
@@ -80,8 +86,9 @@ class _Failure:
 
 
 class _Downstream:
-    __slots__ = ("delayed", "idle_deadline", "io", "peer", "phase", "reader", "responded",
-                 "scope", "stream", "wait_recv")
+    __slots__ = ("delayed", "dst", "flag", "idle_deadline", "io", "peer", "phase", "reader",
+                 "request_id", "responded", "scope", "src", "status", "stream", "tx", "upstream",
+                 "version", "wait_recv")
 
     def __init__(self, stream: trio.abc.Stream, reader: RequestReader,
                  scope: trio.CancelScope) -> None:
@@ -95,6 +102,15 @@ class _Downstream:
         self.delayed = False
         self.idle_deadline = math.inf
         self.peer: SpiffeId | None = None  # inbound over mTLS: the verified caller
+        # What the client got, for telemetry (set where the response is sent).
+        self.status = 0
+        self.flag = ""
+        self.tx = 0
+        self.upstream = ""
+        self.version = ""
+        self.request_id = b""
+        self.src: str | None = None
+        self.dst = ""
 
     async def recv_into_reader(self) -> None:
         data = await self.io.receive_some(RECV)
@@ -108,7 +124,8 @@ class HttpProxy:
     otherwise inbound: other sidecars' requests to the local app."""
 
     def __init__(self, listener: str, runtime: Callable[[], Runtime], pool: Pool, stats: Stats,
-                 service: str, rng: random.Random) -> None:
+                 service: str, rng: random.Random, telemetry: SidecarTelemetry | None = None,
+                 version: str = "") -> None:
         self.listener = listener
         self.outbound = listener == "outbound"
         self._runtime = runtime
@@ -117,6 +134,8 @@ class HttpProxy:
         self.service = service.encode()
         self.service_name = service
         self._rng = rng
+        self.telemetry = telemetry
+        self.version = version
         # Authorization may use the caller's declared x-mesh-source only while this sidecar
         # has no mTLS identity (sidecar/server.py turns it off with one).
         self.trust_declared_source = True
@@ -160,6 +179,7 @@ class HttpProxy:
             return
         self._count_local(status, flag)
         c.responded = True
+        c.status, c.flag = status, flag
         with trio.move_on_after(1):  # error path only: do not hang on a stuck client
             await c.io.send_all(local_response(status, flag, reason, keep_alive=False))
 
@@ -212,8 +232,45 @@ class HttpProxy:
             if not await self._request(c, rt, value):
                 return
 
+    def _drop(self, c: _Downstream) -> frozenset[bytes]:
+        """Request headers replaced on the way upstream."""
+        if self.telemetry is not None:
+            return _SOURCE_TRACE if self.outbound or c.peer else _NOTHING_TRACE
+        return _SOURCE if self.outbound or c.peer else _NOTHING
+
     async def _request(self, c: _Downstream, rt: Runtime, head: RequestHead) -> bool:
-        """Proxy one request; return whether the client connection stays open."""
+        """Proxy one request; return whether the client connection stays open.
+
+        With telemetry: one hop (span) per request, counted once it is answered."""
+        tel = self.telemetry
+        if tel is None:
+            return await self._proxy(c, rt, head, None)
+        started, wall = time.perf_counter(), time.time()
+        tp, ts = head.get(b"traceparent"), head.get(b"tracestate")
+        method = head.method.decode("latin-1")
+        hop = tel.begin(f"{method} {head.path}",
+                        tp.decode("latin-1") if tp is not None else None,
+                        ts.decode("latin-1") if ts is not None else None,
+                        outbound=self.outbound)
+        c.status, c.flag, c.tx, c.upstream, c.version = 0, "", 0, "", ""
+        c.src, c.dst, c.request_id = None, "unknown", b""
+        try:
+            return await self._proxy(c, rt, head, hop)
+        finally:
+            if self.outbound:
+                src, dst = self.service_name, c.dst  # dst: the route's cluster
+            else:
+                src, dst = c.src or "unknown", self.service_name
+                c.version = self.version
+            tel.end(hop, src=src, dst=dst, dst_version=c.version, status=c.status,
+                    flags=c.flag, start_time=wall, duration=time.perf_counter() - started,
+                    rx_bytes=head.content_length or 0, tx_bytes=c.tx, method=method,
+                    path=head.path, authority=(head.get(b"host") or b"").decode("latin-1"),
+                    upstream=c.upstream, request_id=c.request_id.decode("latin-1"),
+                    count=self.outbound or c.src is None)
+
+    async def _proxy(self, c: _Downstream, rt: Runtime, head: RequestHead,
+                     hop: Hop | None) -> bool:
         if not head.has_body and not head.upgrade:
             events = c.reader.events
             while not events:  # the END of a body-less request
@@ -224,6 +281,11 @@ class HttpProxy:
         if rid is None:
             rid = b"%032x" % self._rng.getrandbits(128)  # os.urandom costs a syscall
             extra.append((b"x-request-id", rid))
+        c.request_id = rid
+        if hop is not None:
+            extra.append((b"traceparent", hop.traceparent.encode()))
+            if hop.tracestate:
+                extra.append((b"tracestate", hop.tracestate.encode()))
         if self.outbound:
             source: str | None = self.service_name
             extra.append((b"x-mesh-source", self.service))
@@ -234,6 +296,7 @@ class HttpProxy:
                                          f"no route for host {host!r} path {head.path!r}",
                                          not head.has_body)
             fault = route.route.fault
+            c.dst = route.cluster.config.name
         else:
             peer = c.peer
             if peer is not None:  # verified by mTLS: replaces what the caller declared
@@ -249,6 +312,7 @@ class HttpProxy:
                 if denied is not None:
                     return await self._local(c, head, rid, 403, F.DENIED, denied,
                                              not head.has_body)
+            c.src = source
             route = rt.inbound_route
             fault = rt.inbound_fault(head, source) if rt.inbound_faults else None
         if head.has_body and head.get(b"expect") is not None:
@@ -299,7 +363,7 @@ class HttpProxy:
         c.phase = UPSTREAM
         c.scope.deadline = trio.current_time() + route.route.timeout
         head_bytes = request_head_bytes(head, extra, head.chunked,
-                                        _SOURCE if self.outbound or c.peer else _NOTHING)
+                                        self._drop(c))
         attempt = 0
         while True:
             result = await self._attempt(c, head, head_bytes, body, route, cluster, fault)
@@ -350,6 +414,7 @@ class HttpProxy:
                             f"no healthy endpoint in {cluster.config.name}/{subset}", None)
         health = cluster.health[ep]
         health.active += 1
+        c.upstream, c.version = str(ep), subset
         try:
             per_try = route.route.retries.per_try_timeout
             if per_try is None:
@@ -479,6 +544,7 @@ class HttpProxy:
         keep = head.keep_alive and framing != FRAME_CLOSE and not head.upgrade
         self.stats.responses[(self.listener, status)] += 1
         c.responded = True
+        c.status = status
         c.phase = STREAMING
         out = [response_head_bytes(resp, framing, keep)]
         done = False
@@ -490,6 +556,7 @@ class HttpProxy:
                     kind, value = events.popleft()
                     if kind == BODY:
                         assert isinstance(value, bytes)
+                        c.tx += len(value)
                         out.append(encode_chunk(value) if framing == FRAME_CHUNKED else value)
                     elif kind == END:
                         done = True
@@ -564,8 +631,10 @@ class HttpProxy:
         keep = keep and head.keep_alive and not head.upgrade
         self._count_local(status, flag)
         c.responded = True
-        await c.io.send_all(local_response(status, flag, reason, rid, keep,
-                                               head_only=head.method == b"HEAD"))
+        c.status, c.flag = status, flag
+        data = local_response(status, flag, reason, rid, keep, head_only=head.method == b"HEAD")
+        c.tx = len(data)
+        await c.io.send_all(data)
         return keep
 
 

@@ -23,6 +23,7 @@ from sidecar.proxy import HttpProxy
 from sidecar.runtime import Runtime
 from sidecar.stats import Stats
 from sidecar.tcp_proxy import TcpListener
+from sidecar.telemetry import SidecarTelemetry
 
 log = logging.getLogger("mesh.sidecar")
 
@@ -60,6 +61,7 @@ class Sidecar:
         self._runtime = Runtime(snapshot, opts.app_port, self._rng, time.monotonic)
         self.stats.snapshot_version = snapshot.version
         self.stats.reloads_ok = 1
+        self.telemetry: SidecarTelemetry | None = None  # set before run() to turn it on
         self.inbound_ssl = inbound_ssl
         self.pool = Pool(ssl_context=upstream_ssl)  # to other sidecars
         self.app_pool = Pool()  # to the local app
@@ -139,6 +141,8 @@ class Sidecar:
         self._runtime = runtime
         self.stats.reloads_ok += 1
         self.stats.snapshot_version = snapshot.version
+        if self.telemetry is not None:
+            self.telemetry.recorder.config_version = snapshot.version
         self.loaded_at = time.time()
         log.warning("snapshot version %s loaded", snapshot.version)
         return None
@@ -166,10 +170,15 @@ class Sidecar:
     async def run(self, *, task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         o = self.opts
-        outbound = HttpProxy("outbound", self.runtime, self.pool, self.stats, o.service, self._rng)
+        tel = self.telemetry
+        outbound = HttpProxy("outbound", self.runtime, self.pool, self.stats, o.service, self._rng,
+                             tel, o.version)
         inbound = HttpProxy("inbound", self.runtime, self.app_pool, self.stats, o.service,
-                            self._rng)
+                            self._rng, tel, o.version)
         admin = AdminServer(self.stats, self.config_dump, lambda: self.ready, self.certs)
+        if tel is not None:
+            tel.register(admin.registry)
+            tel.recorder.config_version = self._runtime.snapshot.version
         agent = self._agent
         inbound_handler: Any = inbound.handle
         if agent is not None:
@@ -197,6 +206,8 @@ class Sidecar:
                 ports["tcp"] = tcp_ports
                 self.ports = ports
                 nursery.start_soon(self._watch_file)
+                if tel is not None:
+                    await nursery.start(tel.run)
                 self.ready = True
                 task_status.started(ports)
         finally:

@@ -43,6 +43,19 @@ def register(sub: Any) -> None:
     p.add_argument("--ready-file", type=Path, help="also write the ready JSON line here")
     p.add_argument("--watch-interval", type=float, default=1.0,
                    help="seconds between checks of the snapshot file")
+    t = p.add_argument_group("telemetry (docs/telemetry.md)")
+    t.add_argument("--telemetry-nats", help="NATS URL(s) for telemetry batches and spans "
+                                            "(default: --nats; none: /metrics only)")
+    t.add_argument("--telemetry-interval", type=float, default=1.0,
+                   help="seconds between telemetry batches")
+    t.add_argument("--trace-sample", type=float, default=0.01,
+                   help="ratio of new traces sampled (0..1, default 0.01)")
+    t.add_argument("--otlp-endpoint", help="also export spans with OTLP/HTTP, e.g. "
+                                          "http://127.0.0.1:4318")
+    t.add_argument("--access-log", help="JSON access log: a file, or - for stdout")
+    t.add_argument("--access-log-publish", action="store_true",
+                   help="also publish access-log entries on mesh.accesslog.<service>")
+    t.add_argument("--no-telemetry", action="store_true", help="turn request telemetry off")
     add_identity_flags(p)
     p.set_defaults(func=run)
 
@@ -66,6 +79,17 @@ def run(args: argparse.Namespace) -> int:
                else Snapshot(version="0", service=args.service))
     identity = identity_config(args, f"{args.service}-{args.service_version}")
     sidecar = Sidecar(opts, initial)
+    if not args.no_telemetry:
+        from sidecar.telemetry import SidecarTelemetry, TelemetryOptions
+
+        nats = args.telemetry_nats or args.nats
+        sidecar.telemetry = SidecarTelemetry(
+            args.service, args.instance or f"{args.service}-{args.service_version}-{_pid()}",
+            TelemetryOptions(namespace=getattr(args, "namespace", None) or "default", interval=args.telemetry_interval,
+                             trace_sample_ratio=args.trace_sample,
+                             otlp_endpoint=args.otlp_endpoint, access_log=args.access_log,
+                             access_log_publish=args.access_log_publish),
+            nats=nats.split(",") if nats else None)
     sync = _sync_client(args, sidecar) if args.nats else None
 
     async def main() -> None:

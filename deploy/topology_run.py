@@ -40,19 +40,23 @@ class RunningTopology:
         return "\n".join(lines)
 
 
-def sidecar_argv(inst: Instance, config: Path) -> list[str]:
-    return [
+def sidecar_argv(inst: Instance, config: Path, nats_urls: list[str]) -> list[str]:
+    argv = [
         sys.executable, "-m", "mesh", "sidecar",
         "--service", inst.service, "--version", inst.version,
         "--app-port", str(inst.app_port), "--config", str(config),
         "--inbound-port", str(inst.inbound_port), "--outbound-port", str(inst.outbound_port),
-        "--admin-port", str(inst.admin_port),
+        "--admin-port", str(inst.admin_port), "--instance", inst.name,
     ]  # fmt: skip
+    if nats_urls:  # telemetry batches and spans go to the mesh's NATS (mesh top, dashboard)
+        argv += ["--telemetry-nats", ",".join(nats_urls)]
+    return argv
 
 
 async def run_topology(
     plan: Plan,
     state_dir: Path,
+    nats_urls: list[str] | None = None,
     *,
     task_status: trio.TaskStatus[RunningTopology] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -70,6 +74,8 @@ async def run_topology(
             if inst.snapshot is not None:
                 config = config_dir / f"{inst.name}.json"
                 config.write_text(json.dumps(inst.snapshot, indent=2))
-                sidecar = ChildProcess(f"{inst.name}/sidecar", sidecar_argv(inst, config))
+                sidecar = ChildProcess(
+                    f"{inst.name}/sidecar", sidecar_argv(inst, config, nats_urls or [])
+                )
                 children[sidecar.name] = await nursery.start(sidecar.run)
         task_status.started(RunningTopology(plan, children))

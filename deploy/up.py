@@ -135,7 +135,7 @@ async def run_up(
                         if config.topology is not None:
                             plan = make_plan(config.topology, free_port, config.ingress_port)
                             running.topology = await apps.start(
-                                run_topology, plan, config.state_dir
+                                run_topology, plan, config.state_dir, urls
                             )
                         task_status.started(running)
                         started.set()

@@ -81,6 +81,25 @@ async def test_demo_serves_through_the_mesh_and_stops_cleanly(tmp_path: Path) ->
         assert body["version"] == "v2"
         assert [(i["sku"], i["stars"], i["stock"]) for i in body["items"]] == [("tea", 5, 21), ("mug", 4, 21)]
 
+        # The sidecars' telemetry reaches the aggregator: every HTTP edge of the demo shows up.
+        nats = info["nats"][0]  # type: ignore[index]
+        edges: dict[tuple[str, str], int] = {}
+        def complete(e: dict[tuple[str, str], int]) -> bool:  # batches arrive once a second
+            wanted = (("ingress", "frontend"), ("frontend", "catalog"))
+            return all(e.get(k, 0) >= 200 for k in wanted) and e.get(("catalog", "ratings"), 0) >= 1
+
+        with trio.fail_after(30):
+            while not complete(edges):
+                top = await trio.run_process(
+                    [*MESH, "top", "--once", "--json", "--nats", nats], capture_stdout=True, check=False
+                )
+                if top.returncode == 0:
+                    edges = {(e["src"], e["dst"]): e["requests"] for e in json.loads(top.stdout)["edges"]}
+                await trio.sleep(0.5)
+        assert edges[("ingress", "frontend")] == 200
+        assert edges[("frontend", "catalog")] == 200
+        assert edges[("catalog", "ratings")] >= 1
+
         ports = [p for inst in topo["instances"].values() for p in (inst["app"], inst["inbound"]) if p]
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):

@@ -9,6 +9,7 @@ or its siblings with it; Ctrl-C or SIGTERM stops the replicas first, then NATS.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -19,6 +20,8 @@ from pathlib import Path
 import trio
 
 from actors.ca_config import secret_env_for_children
+from actors.dashboard import DEFAULT_DASHBOARD_PORT
+from actors.telemetry import DEFAULT_METRICS_PORT
 from bus.server import NatsServer, NodeSpec
 from deploy.supervisor import ChildProcess
 from deploy.topology import Topology
@@ -88,6 +91,16 @@ class Running:
             lines.append(f"  nats          {', '.join(self.nats_urls)}  (existing cluster)")
         for child in self.replicas:
             lines.append(f"  controlplane  {child.name}  pid {child.pid}")
+        dash = os.environ.get("MESH_DASHBOARD_PORT", str(DEFAULT_DASHBOARD_PORT))
+        metrics = os.environ.get("MESH_METRICS_PORT", str(DEFAULT_METRICS_PORT))
+        if dash != "off":
+            lines.append(
+                f"  dashboard     http://127.0.0.1:{dash}/  (served by the first replica to bind it)"
+            )
+        if metrics != "off":
+            lines.append(
+                f"  metrics       http://127.0.0.1:{metrics}/metrics  (mesh-wide, Prometheus)"
+            )
         if self.topology is not None:
             lines.append(self.topology.describe())
         lines.append("Try `mesh ping` in another shell. Stop with Ctrl-C.")

@@ -172,3 +172,59 @@ def sidecar_snapshot(plan: Plan, inst: Instance) -> dict[str, Any]:
         "clusters": clusters,
         "tcp": tcp,
     }
+
+
+def topology_resources(topology: Topology) -> list[dict[str, Any]]:
+    """The topology's HTTP services as control-plane resources (docs/resources.md): a Service,
+    a DestinationPolicy with one subset per version, and a Route with the topology's split,
+    timeout and retries. Opaque TCP services stay local to the sidecars (docs/topology.md)."""
+    http = [s for s in topology.services if s.protocol == "http"]
+    http_names = {s.name for s in http}
+    docs: list[dict[str, Any]] = []
+    for svc in http:
+        hosts = (
+            [HOST, "localhost"] if topology.ingress and topology.ingress.service == svc.name else []
+        )
+        docs.append(
+            {
+                "kind": "Service",
+                "name": svc.name,
+                "spec": {
+                    "protocol": "http",
+                    "hosts": hosts,
+                    "dependencies": [c for c in svc.calls if c in http_names],
+                },
+            }
+        )
+        docs.append(
+            {
+                "kind": "DestinationPolicy",
+                "name": svc.name,
+                "spec": {
+                    "service": svc.name,
+                    "lb": "least_request",
+                    "subsets": {v: {"version": v} for v, _ in svc.versions},
+                },
+            }
+        )
+        docs.append(
+            {
+                "kind": "Route",
+                "name": svc.name,
+                "spec": {
+                    "service": svc.name,
+                    "rules": [
+                        {"name": "default", "split": dict(svc.split), **DEFAULT_ROUTE_POLICY}
+                    ],
+                },
+            }
+        )
+    if topology.ingress is not None:
+        docs.append(
+            {
+                "kind": "Service",
+                "name": INGRESS,
+                "spec": {"protocol": "http", "dependencies": [topology.ingress.service]},
+            }
+        )
+    return docs

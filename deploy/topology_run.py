@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+import yaml
 
 from deploy.supervisor import ChildProcess
-from deploy.topology_plan import HOST, Instance, Plan
+from deploy.topology_plan import HOST, Instance, Plan, topology_resources
+from mesh.errors import ConfigError
 
 
 @dataclass
@@ -48,9 +50,26 @@ def sidecar_argv(inst: Instance, config: Path, nats_urls: list[str]) -> list[str
         "--inbound-port", str(inst.inbound_port), "--outbound-port", str(inst.outbound_port),
         "--admin-port", str(inst.admin_port), "--instance", inst.name,
     ]  # fmt: skip
-    if nats_urls:  # telemetry batches and spans go to the mesh's NATS (mesh top, dashboard)
-        argv += ["--telemetry-nats", ",".join(nats_urls)]
+    if nats_urls:
+        # Routes come from the control plane (so `mesh route weights` and `mesh apply` act
+        # on the topology); telemetry and spans go to the same NATS (mesh top, dashboard).
+        urls = ",".join(nats_urls)
+        argv += ["--nats", urls, "--telemetry-nats", urls]
     return argv
+
+
+async def apply_resources(plan: Plan, state_dir: Path, nats_urls: list[str]) -> None:
+    """Write the topology's routing as control-plane resources, with `mesh apply` itself."""
+    path = state_dir / "topology-resources.yaml"
+    path.write_text(yaml.safe_dump_all(topology_resources(plan.topology), sort_keys=False))
+    argv = [sys.executable, "-m", "mesh", "apply", "-f", str(path), "--nats", ",".join(nats_urls),
+            "--note", f"topology {plan.topology.name}"]  # fmt: skip
+    with trio.fail_after(30):
+        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+    if result.returncode != 0:
+        raise ConfigError(
+            f"applying the topology's routes failed: {result.stderr.decode().strip()}"
+        )
 
 
 async def run_topology(
@@ -62,6 +81,8 @@ async def run_topology(
 ) -> None:
     config_dir = state_dir / "sidecars"
     config_dir.mkdir(parents=True, exist_ok=True)
+    if nats_urls:
+        await apply_resources(plan, state_dir, nats_urls)
     children: dict[str, ChildProcess] = {}
     async with trio.open_nursery() as nursery:
         for inst in plan.instances:

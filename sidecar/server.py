@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -14,7 +15,7 @@ from typing import Any
 import trio
 
 from mesh.errors import ConfigError
-from mesh.snapshot import Snapshot, load_snapshot
+from mesh.snapshot import Cluster, Snapshot, TcpProxy, load_snapshot
 from sidecar.admin import AdminServer
 from sidecar.identity import IdentityAgent
 from sidecar.mtls import InboundGate, UpstreamTls
@@ -61,6 +62,8 @@ class Sidecar:
         self._runtime = Runtime(snapshot, opts.app_port, self._rng, time.monotonic)
         self.stats.snapshot_version = snapshot.version
         self.stats.reloads_ok = 1
+        self._local_tcp: tuple[tuple[TcpProxy, ...], tuple[Cluster, ...]] = ((), ())
+        self._remember_local_tcp(snapshot)
         self.telemetry: SidecarTelemetry | None = None  # set before run() to turn it on
         self.inbound_ssl = inbound_ssl
         self.pool = Pool(ssl_context=upstream_ssl)  # to other sidecars
@@ -126,9 +129,24 @@ class Sidecar:
             return False
         return self.apply_snapshot(snapshot) is None
 
+    def _remember_local_tcp(self, snapshot: Snapshot) -> None:
+        """TCP listeners of the file snapshot are local to this sidecar (their ports are this
+        host's); the control plane does not route opaque TCP, so its snapshots keep them."""
+        if snapshot.tcp:
+            wanted = {t.cluster for t in snapshot.tcp}
+            self._local_tcp = (snapshot.tcp, tuple(c for c in snapshot.clusters if c.name in wanted))
+
     def apply_snapshot(self, snapshot: Snapshot) -> str | None:
         """Swap in a snapshot (from the file or the control plane) after the same checks;
         returns None once it is in force, else why it was refused (the old one stays)."""
+        tcp, tcp_clusters = self._local_tcp
+        if tcp and not snapshot.tcp:
+            names = {c.name for c in snapshot.clusters}
+            snapshot = dataclasses.replace(
+                snapshot, tcp=tcp,
+                clusters=snapshot.clusters + tuple(c for c in tcp_clusters if c.name not in names))
+        else:
+            self._remember_local_tcp(snapshot)
         try:
             check_snapshot(snapshot, self.opts)
             runtime = Runtime(snapshot, self.opts.app_port, self._rng, time.monotonic,

@@ -111,6 +111,9 @@ def _routes(
         for key in ("match", "split", "timeout", "retries", "fault"):
             if key in r:
                 rule[key] = r[key]
+        if "mirror" in r:
+            rule["mirror"] = {"cluster": cluster["name"], "subset": r["mirror"]["subset"],
+                              "percent": r["mirror"].get("percent", 100)}
         if "split" not in rule and len(cluster["subsets"]) > 1:
             rule["split"] = {s: 1 for s in cluster["subsets"]}
         out.append(rule)

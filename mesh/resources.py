@@ -302,6 +302,8 @@ _RULE = _obj(
         "timeout": _num(0.001, 86400),
         "retries": _RETRIES,
         "fault": _fault,
+        # Traffic shadowing: a copy of `percent`% of the requests to one instance of `subset`.
+        "mirror": _obj({"subset": _name, "percent": _num(0, 100)}, required=("subset",)),
     }
 )
 
@@ -555,6 +557,20 @@ def validate_set(resources: ResourceSet) -> None:
                     elif subset not in subsets:
                         errors.append(
                             f"{where(r)}: spec.rules[{i}].split.{subset}: subset {subset!r} is "
+                            f"not defined by the DestinationPolicy of {spec['service']!r} "
+                            f"(has: {', '.join(subsets) or 'none'})"
+                        )
+                mirror = rule.get("mirror")
+                if mirror is not None:
+                    subset = mirror["subset"]
+                    if subsets is None:
+                        errors.append(
+                            f"{where(r)}: spec.rules[{i}].mirror.subset: Service "
+                            f"{spec['service']!r} has no DestinationPolicy defining subsets"
+                        )
+                    elif subset not in subsets:
+                        errors.append(
+                            f"{where(r)}: spec.rules[{i}].mirror.subset: subset {subset!r} is "
                             f"not defined by the DestinationPolicy of {spec['service']!r} "
                             f"(has: {', '.join(subsets) or 'none'})"
                         )

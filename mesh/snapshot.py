@@ -83,6 +83,16 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """Traffic shadowing: a copy of `percent`% of the route's requests goes to one endpoint
+    of `cluster`/`subset`, fire-and-forget (its response is discarded)."""
+
+    cluster: str
+    subset: str
+    percent: float = 100.0
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     match: Match
@@ -91,6 +101,7 @@ class Route:
     timeout: float = 15.0
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     fault: Fault | None = None
+    mirror: Mirror | None = None
 
 
 @dataclass(frozen=True)
@@ -441,7 +452,9 @@ def _parse_retries(node: _Node | None) -> RetryPolicy:
 
 
 def _parse_route(node: _Node, service: str) -> Route:
-    node.check_keys(("name", "match", "cluster", "split", "timeout", "retries", "fault"))
+    node.check_keys(("name", "match", "cluster", "split", "timeout", "retries", "fault",
+                     "mirror"))
+    cluster = _opt_str(node, "cluster") or service
     split_node = node.get("split")
     split: list[tuple[str, int]] = []
     if split_node is not None:
@@ -452,12 +465,22 @@ def _parse_route(node: _Node, service: str) -> Route:
     return Route(
         name=_opt_str(node, "name") or node.path,
         match=_parse_match(node.get("match")),
-        cluster=_opt_str(node, "cluster") or service,
+        cluster=cluster,
         split=tuple(split),
         timeout=_opt_num(node, "timeout", 15.0, 0.001, 86400),
         retries=_parse_retries(node.get("retries")),
         fault=_parse_fault(node.get("fault")),
+        mirror=_parse_mirror(node.get("mirror"), cluster),
     )
+
+
+def _parse_mirror(node: _Node | None, cluster: str) -> Mirror | None:
+    if node is None:
+        return None
+    node.check_keys(("cluster", "subset", "percent"))
+    return Mirror(cluster=_opt_str(node, "cluster") or cluster,
+                  subset=node.req("subset").str_(),
+                  percent=_opt_num(node, "percent", 100.0, 0, 100))
 
 
 def _parse_endpoint(node: _Node) -> Endpoint:
@@ -651,6 +674,16 @@ def _check_route(route: Route, clusters: Mapping[str, Cluster], path: str) -> No
             names = ", ".join(n for n, _ in cluster.subsets)
             raise ConfigError(f"{path}.split.{subset}: subset {subset!r} not in cluster "
                               f"{cluster.name!r} (has: {names})")
+    mirror = route.mirror
+    if mirror is not None:
+        target = clusters.get(mirror.cluster)
+        if target is None:
+            raise ConfigError(f"{path}.mirror.cluster: cluster {mirror.cluster!r} does not "
+                              f"exist (have: {', '.join(sorted(clusters)) or 'none'})")
+        if target.subset(mirror.subset) is None:
+            names = ", ".join(n for n, _ in target.subsets)
+            raise ConfigError(f"{path}.mirror.subset: subset {mirror.subset!r} not in cluster "
+                              f"{target.name!r} (has: {names})")
 
 
 # --- serialising -----------------------------------------------------------------------
@@ -700,6 +733,9 @@ def _route_to_dict(r: Route) -> dict[str, Any]:
         out["split"] = dict(r.split)
     if r.fault is not None:
         out["fault"] = _fault_to_dict(r.fault)
+    if r.mirror is not None:
+        out["mirror"] = {"cluster": r.mirror.cluster, "subset": r.mirror.subset,
+                         "percent": r.mirror.percent}
     return out
 
 

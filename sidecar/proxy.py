@@ -45,6 +45,7 @@ from sidecar.http.codec import (
     request_head_bytes,
     response_head_bytes,
 )
+from sidecar.mirror import Mirror
 from sidecar.pool import ConnectFailed, Overflow, Pool, UpstreamConn
 from sidecar.route import CompiledRoute
 from sidecar.runtime import Runtime
@@ -125,7 +126,7 @@ class HttpProxy:
 
     def __init__(self, listener: str, runtime: Callable[[], Runtime], pool: Pool, stats: Stats,
                  service: str, rng: random.Random, telemetry: SidecarTelemetry | None = None,
-                 version: str = "") -> None:
+                 version: str = "", mirror: Mirror | None = None) -> None:
         self.listener = listener
         self.outbound = listener == "outbound"
         self._runtime = runtime
@@ -136,6 +137,7 @@ class HttpProxy:
         self._rng = rng
         self.telemetry = telemetry
         self.version = version
+        self.mirror = mirror  # route mirrors' copies run in its nursery (sidecar/mirror.py)
         # Authorization may use the caller's declared x-mesh-source only while this sidecar
         # has no mTLS identity (sidecar/server.py turns it off with one).
         self.trust_declared_source = True
@@ -362,8 +364,13 @@ class HttpProxy:
         cluster.budget.on_request()
         c.phase = UPSTREAM
         c.scope.deadline = trio.current_time() + route.route.timeout
-        head_bytes = request_head_bytes(head, extra, head.chunked,
-                                        self._drop(c))
+        drop = self._drop(c)
+        head_bytes = request_head_bytes(head, extra, head.chunked, drop)
+        mirror = route.route.mirror
+        if mirror is not None and self.mirror is not None:
+            # Fire-and-forget: queued in the Mirror's nursery, never awaited here.
+            self.mirror.maybe_send(mirror, rt.clusters.get(mirror.cluster), head, extra, drop,
+                                   body, route.route.timeout)
         attempt = 0
         while True:
             result = await self._attempt(c, head, head_bytes, body, route, cluster, fault)

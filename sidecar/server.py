@@ -18,6 +18,7 @@ from mesh.errors import ConfigError
 from mesh.snapshot import Cluster, Snapshot, TcpProxy, load_snapshot
 from sidecar.admin import AdminServer
 from sidecar.identity import IdentityAgent
+from sidecar.mirror import Mirror
 from sidecar.mtls import InboundGate, UpstreamTls
 from sidecar.pool import Pool
 from sidecar.proxy import HttpProxy
@@ -68,6 +69,8 @@ class Sidecar:
         self.inbound_ssl = inbound_ssl
         self.pool = Pool(ssl_context=upstream_ssl)  # to other sidecars
         self.app_pool = Pool()  # to the local app
+        # Route mirrors: fire-and-forget copies, in a nursery started by run().
+        self.mirror = Mirror(self.pool, self.stats, self._rng)
         self.identity: InboundGate | None = None  # mTLS, set by use_identity
         self._agent: IdentityAgent | None = None
         self._identity_mode = "STRICT"
@@ -190,7 +193,7 @@ class Sidecar:
         o = self.opts
         tel = self.telemetry
         outbound = HttpProxy("outbound", self.runtime, self.pool, self.stats, o.service, self._rng,
-                             tel, o.version)
+                             tel, o.version, self.mirror)
         inbound = HttpProxy("inbound", self.runtime, self.app_pool, self.stats, o.service,
                             self._rng, tel, o.version)
         admin = AdminServer(self.stats, self.config_dump, lambda: self.ready, self.certs)
@@ -206,6 +209,7 @@ class Sidecar:
             inbound.trust_declared_source = False
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.mirror.run)
                 ports: dict[str, Any] = {}
                 for name, port, host, handler in (
                     ("outbound", o.outbound_port, "127.0.0.1", outbound.handle),

@@ -30,6 +30,11 @@ class Stats:
         self.tls_refused: Counter[tuple[str, str]] = Counter()
         self.tls_handshakes: Counter[tuple[str, str]] = Counter()
         self.cert_expiry: Callable[[], float] | None = None
+        # Route mirrors (sidecar/mirror.py): copies sent, copies that got no response,
+        # and requests not mirrored, by reason (body, busy, no_endpoint, unavailable).
+        self.mirrored = 0
+        self.mirror_failed = 0
+        self.mirror_skipped: Counter[str] = Counter()
 
 
 class StatsCollector(Collector):
@@ -61,6 +66,14 @@ class StatsCollector(Collector):
         for (direction, kind), n in sorted(s.tls_handshakes.items()):
             accepted.add_metric([direction, kind], n)
         yield accepted
+        skipped = CounterMetricFamily("mesh_sidecar_mirror_skipped",
+                                      "requests a route would mirror that were not copied, "
+                                      "by reason (body: not buffered, busy: too many copies "
+                                      "in flight, no_endpoint, unavailable)",
+                                      labels=["reason"])
+        for reason, n in sorted(s.mirror_skipped.items()):
+            skipped.add_metric([reason], n)
+        yield skipped
         if s.cert_expiry is not None:
             expiry = GaugeMetricFamily("mesh_sidecar_cert_seconds_to_expiry",
                                        "seconds until the sidecar's certificate expires")
@@ -75,6 +88,9 @@ class StatsCollector(Collector):
             ("mesh_sidecar_upstream_connections", s.upstream_connections,
              "connections opened upstream"),
             ("mesh_sidecar_outlier_ejections", s.ejections, "endpoints ejected"),
+            ("mesh_sidecar_mirrored", s.mirrored, "request copies sent to route mirrors"),
+            ("mesh_sidecar_mirror_failed", s.mirror_failed,
+             "mirror copies that got no response (connect failure, reset, timeout)"),
             ("mesh_sidecar_reloads_ok", s.reloads_ok, "snapshots loaded"),
             ("mesh_sidecar_reloads_failed", s.reloads_failed, "snapshots refused"),
         ):

@@ -63,6 +63,20 @@ def test_compile_gives_each_service_only_what_it_needs() -> None:
     assert (rule.action, rule.source, rule.methods) == ("allow", "productpage", ("GET",))
 
 
+def test_a_mirror_compiles_to_the_routes_cluster_and_subset() -> None:
+    resources = merged(as_set(GOOD), parse_text(
+        "kind: Route\nname: reviews\nspec: {service: reviews, rules: [{split: {v1: 1}, "
+        "mirror: {subset: v2, percent: 10}}, {split: {v1: 1}, mirror: {subset: v2}}]}",
+        "m.yaml"))
+    raw = compile_service(resources, EPS, "productpage").snapshot
+    routes = raw["services"][0]["routes"]
+    assert routes[0]["mirror"] == {"cluster": "reviews", "subset": "v2", "percent": 10}
+    assert routes[1]["mirror"] == {"cluster": "reviews", "subset": "v2", "percent": 100}
+    mirror = Snapshot.from_dict(raw).services[0].routes[0].mirror
+    assert mirror is not None and (mirror.cluster, mirror.subset, mirror.percent) == (
+        "reviews", "v2", 10)
+
+
 def test_versions_are_content_digests() -> None:
     resources = as_set(GOOD)
     a = compile_all(resources, EPS, ["productpage", "reviews"])

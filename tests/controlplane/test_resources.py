@@ -8,6 +8,7 @@ import pytest
 
 from mesh.errors import ConfigError
 from mesh.resources import (
+    Resource,
     ResourceSet,
     decode_set,
     diff,
@@ -83,7 +84,22 @@ def test_a_full_example_is_valid_and_round_trips() -> None:
         (
             "kind: Route\nname: r\nspec: {service: reviews, rules: [{split: {v1: 1}, retry: {}}]}",
             "f.yaml: Route/r: spec.rules[0]: unknown field(s) retry (allowed: name, match, split, "
-            "timeout, retries, fault)",
+            "timeout, retries, fault, mirror)",
+        ),
+        (
+            "kind: Route\nname: r\nspec: {service: reviews, rules: [{mirror: {percent: 5}}]}",
+            "f.yaml: Route/r: spec.rules[0].mirror: missing required field 'subset'",
+        ),
+        (
+            "kind: Route\nname: r\nspec: {service: reviews, rules: [{mirror: {subset: v2, "
+            "percent: 101}}]}",
+            "f.yaml: Route/r: spec.rules[0].mirror.percent: 101 is out of range 0..100",
+        ),
+        (
+            "kind: Route\nname: r\nspec: {service: reviews, rules: [{mirror: {subset: v2, "
+            "host: x}}]}",
+            "f.yaml: Route/r: spec.rules[0].mirror: unknown field(s) host (allowed: subset, "
+            "percent)",
         ),
         (
             "kind: Route\nname: r\nspec: {service: reviews, rules: [{timeout: fast}]}",
@@ -155,6 +171,42 @@ def test_broken_references_are_all_reported() -> None:
         )
         for x in lines
     )
+
+
+def test_a_mirror_subset_must_be_defined_by_the_destination_policy() -> None:
+    resources = as_set(GOOD)
+    good = parse_text(
+        "kind: Route\nname: reviews\nspec: {service: reviews, rules: [{split: {v1: 1}, "
+        "mirror: {subset: v2, percent: 10}}]}",
+        "ok.yaml",
+    )
+    validate_set(merged(resources, good))
+    assert good[0].spec["rules"][0]["mirror"] == {"subset": "v2", "percent": 10}
+    bad = parse_text(
+        "kind: Route\nname: reviews\nspec: {service: reviews, rules: [{split: {v1: 1}, "
+        "mirror: {subset: v3}}]}",
+        "bad.yaml",
+    )
+    with pytest.raises(ConfigError) as err:
+        validate_set(merged(resources, bad))
+    assert str(err.value) == (
+        "bad.yaml: Route/reviews: spec.rules[0].mirror.subset: subset 'v3' is not defined "
+        "by the DestinationPolicy of 'reviews' (has: v1, v2)"
+    )
+    nodp = parse_text(
+        "kind: Service\nname: a\n---\nkind: Route\nname: a\nspec: {service: a, rules: "
+        "[{mirror: {subset: v2}}]}",
+        "nodp.yaml",
+    )
+    with pytest.raises(ConfigError) as err:
+        validate_set(as_set_of(nodp))
+    assert "Route/a: spec.rules[0].mirror.subset: Service 'a' has no DestinationPolicy" in str(
+        err.value
+    )
+
+
+def as_set_of(resources: list[Resource]) -> ResourceSet:
+    return {r.key: r for r in resources}
 
 
 def test_a_split_needs_a_destination_policy_and_one_route_per_service() -> None:

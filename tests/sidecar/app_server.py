@@ -15,6 +15,8 @@ Paths:
   /close-after       a normal keep-alive response, then the connection is closed
   /echo-upgrade      101 Switching Protocols, then echoes bytes until EOF
   /204, /304         no body
+  /_seen             200 JSON list of the requests received so far (path, method, headers,
+                     body length), this one excluded
 --fail makes every request answer 500.
 """
 
@@ -25,6 +27,8 @@ import json
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+SEEN: list[dict[str, object]] = []  # every request but /_seen, for mirror tests
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -93,8 +97,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> None:
         path = self.path.split("?")[0]
+        if path == "/_seen":
+            return self._send(200, json.dumps(SEEN).encode())
+        seen: dict[str, object] = {"path": self.path, "method": self.command,
+                                   "headers": {k.lower(): v for k, v in self.headers.items()}}
+        SEEN.append(seen)
         if self.command in ("POST", "PUT"):
             n = self._read_body()
+            seen["received"] = n
             if self.fail:
                 return self._json(500)
             return self._json(200, received=n)

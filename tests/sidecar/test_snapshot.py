@@ -28,7 +28,8 @@ def _base() -> dict[str, Any]:
              "split": {"v2": 1}},
             {"split": {"v1": 95, "v2": 5}, "timeout": 2, "retries": {
                 "attempts": 3, "per_try_timeout": 0.5, "on": ["connect-failure", 503]},
-             "fault": {"abort": {"percent": 5, "status": 503}}},
+             "fault": {"abort": {"percent": 5, "status": 503}},
+             "mirror": {"subset": "v2", "percent": 10}},
         ]}],
         "clusters": [{"name": "reviews", "lb": "least_request", "subsets": {
             "v1": ["127.0.0.1:9001"], "v2": ["127.0.0.1:9002", "10.0.0.2:9002"]},
@@ -46,6 +47,10 @@ def test_parse_and_round_trip() -> None:
     assert route.match.methods == ("GET",)
     assert snap.services[0].routes[1].retries.statuses == (503,)
     assert snap.clusters[0].subset("v2") is not None
+    mirror = snap.services[0].routes[1].mirror
+    assert mirror is not None and (mirror.cluster, mirror.subset, mirror.percent) == (
+        "reviews", "v2", 10.0)
+    assert snap.services[0].routes[0].mirror is None
     again = Snapshot.from_dict(json.loads(json.dumps(snap.to_dict())))
     assert again == snap
 
@@ -69,6 +74,16 @@ def test_documented_example_loads(tmp_path: Path) -> None:
      "services[0].routes[0].match.path.regex: invalid regular expression"),
     (lambda d: d["clusters"][0]["subsets"]["v1"].append("nohost"),
      "clusters[0].subsets.v1[1]: endpoint 'nohost' is not host:port"),
+    (lambda d: d["services"][0]["routes"][1]["mirror"].update(subset="v9"),
+     "services[0].routes[1].mirror.subset: subset 'v9' not in cluster 'reviews' (has: v1, v2)"),
+    (lambda d: d["services"][0]["routes"][1]["mirror"].update(cluster="shadow"),
+     "services[0].routes[1].mirror.cluster: cluster 'shadow' does not exist (have: reviews)"),
+    (lambda d: d["services"][0]["routes"][1]["mirror"].pop("subset"),
+     "services[0].routes[1].mirror: missing required field 'subset'"),
+    (lambda d: d["services"][0]["routes"][1]["mirror"].update(percent=150),
+     "services[0].routes[1].mirror.percent: 150.0 is out of range"),
+    (lambda d: d["services"][0]["routes"][1]["mirror"].update(weight=1),
+     "services[0].routes[1].mirror: unknown field(s) weight"),
     (lambda d: d["clusters"][0].update(lb="random"), "clusters[0].lb: unknown policy 'random'"),
     (lambda d: d["clusters"][0].update(lb="hash"), "clusters[0]: lb 'hash' needs 'hash_header'"),
     (lambda d: d.update(colour="blue"), "<top>: unknown field(s) colour"),

@@ -1,5 +1,5 @@
-"""Three hosts (network namespaces on a bridge): a NATS node on each, sidecars calling across
-hosts, and the loss of one host leaving the other two serving."""
+"""Three hosts (network namespaces on a bridge): a NATS node on each, a CA, sidecars calling
+across hosts over mTLS, and the loss of one host leaving the other two serving."""
 
 from __future__ import annotations
 
@@ -12,15 +12,57 @@ from typing import Any
 import pytest
 import trio
 
-from bus.client import connect
+from actors.ca import CaActor
+from actors.ca_config import CaConfig
+from actors.runtime import ActorContext
+from bus.client import Bus, connect
 from bus.server import NatsCluster
 from deploy import netns
 from deploy.supervisor import ChildProcess
+from mesh.cli.token_cmd import create_token
 from mesh.messages import Blob
+from mesh.spiffe import SpiffeId
 
 pytestmark = pytest.mark.slow
 
 PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "tests" / "sidecar" / "app_server.py")
+TD = "multihost.mesh"
+NS = "shop"
+SECRET = b"multihost operator secret, 32 b."
+
+# Run on a host: `count` plaintext HTTP/1.1 requests to addr:port (args: addr port count
+# [header lines...]), each on its own connection; prints {"status": int, "body": str} per
+# request: status 0 when the connection was accepted and then closed without an HTTP answer
+# (what a STRICT inbound port does to plaintext), -1 when it could not connect at all.
+PROBE = r"""
+import json, socket, sys
+addr, port, count, *extra = sys.argv[1:]
+for _ in range(int(count)):
+    raw, status = b"", 0
+    try:
+        s = socket.create_connection((addr, int(port)), timeout=10)
+    except OSError:
+        status = -1
+    else:
+        with s:
+            try:
+                head = ["GET /anything HTTP/1.1", "host: catalog", "connection: close", *extra]
+                s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+                while data := s.recv(65536):
+                    raw += data
+            except OSError:
+                pass
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if raw:
+        status = int(head.split()[1])
+    print(json.dumps({"status": status, "body": body.decode("latin-1")}), flush=True)
+"""
+
+
+def ident(sa: str) -> str:
+    return f"spiffe://{TD}/ns/{NS}/sa/{sa}"
 
 
 @pytest.fixture
@@ -37,6 +79,20 @@ async def cluster(three_hosts: list[netns.Host], tmp_path: Path) -> AsyncIterato
     spec = [(h.ip, h.exec_prefix) for h in three_hosts]
     async with trio.open_nursery() as nursery:
         yield await nursery.start(NatsCluster(0, tmp_path / "nats", hosts=spec).run)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def ca_bus(cluster: NatsCluster) -> AsyncIterator[Bus]:
+    """A CA actor (in this process, on h1's NATS node) with its state replicated on all three
+    nodes, so losing a host loses no CA state; yields its bus for creating join tokens."""
+    config = CaConfig(secret=SECRET, trust_domain=TD, lease_ttl=1.0, kv_replicas=3)
+    async with connect(cluster.nodes[0].url) as bus, trio.open_nursery() as nursery:
+        ca = CaActor(config)
+        await nursery.start(ca.run, ActorContext(bus=bus, replica="cp-multihost"))
+        with trio.fail_after(15):
+            await ca.leading.wait()
+        yield bus
         nursery.cancel_scope.cancel()
 
 
@@ -59,6 +115,8 @@ def client_snapshot(servers: list[netns.Host]) -> dict[str, Any]:
         ],
         "clusters": [
             {
+                # mTLS to these endpoints; the expected server identity is the default,
+                # spiffe://TD/ns/<own ns>/sa/catalog.
                 "name": "catalog",
                 "connect_timeout": 0.5,
                 "subsets": {"v1": [f"{h.ip}:15006" for h in servers]},
@@ -68,10 +126,20 @@ def client_snapshot(servers: list[netns.Host]) -> dict[str, Any]:
     }
 
 
+async def probe(host: netns.Host, addr: str, port: int, count: int, *extra: str) -> list[dict[str, Any]]:
+    """`count` requests from `host` to addr:port (see PROBE)."""
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*host.exec_prefix, PY, "-c", PROBE, addr, str(port), str(count), *extra],
+            capture_stdout=True, check=True,
+        )  # fmt: skip
+    return [json.loads(line) for line in result.stdout.decode().splitlines()]
+
+
 async def load_from(host: netns.Host, port: int, n: int) -> dict[str, Any]:
     with trio.fail_after(60):
         result = await trio.run_process(
-            [*host.exec_prefix, PY, "-m", "mesh", "load", f"http://127.0.0.1:{port}/items",
+            [*host.exec_prefix, PY, "-m", "mesh", "load", f"http://127.0.0.1:{port}/anything",
              "--host", "catalog", "-n", str(n), "-c", "4", "-d", "30", "--json"],
             capture_stdout=True, check=False,
         )  # fmt: skip
@@ -79,8 +147,8 @@ async def load_from(host: netns.Host, port: int, n: int) -> dict[str, Any]:
     return summary
 
 
-async def test_traffic_crosses_hosts_and_survives_losing_one(
-    three_hosts: list[netns.Host], cluster: NatsCluster, tmp_path: Path
+async def test_traffic_crosses_hosts_over_mtls_and_survives_losing_one(
+    three_hosts: list[netns.Host], cluster: NatsCluster, ca_bus: Bus, tmp_path: Path
 ) -> None:
     h1, h2, h3 = three_hosts
     snap = tmp_path / "frontend.json"
@@ -88,29 +156,55 @@ async def test_traffic_crosses_hosts_and_survives_losing_one(
     empty = tmp_path / "catalog.json"
     empty.write_text(json.dumps({"version": "multihost-1", "service": "catalog"}))
 
+    async def identity_flags(host: netns.Host, node: int, sa: str) -> list[str]:
+        # One single-use join token per sidecar; certificates over the host's own NATS node
+        # (--ca-nats: no config sync, the static --config snapshot stays in charge).
+        text, _ = await create_token(ca_bus, SpiffeId(TD, NS, sa), uses=1)
+        token_file = tmp_path / f"token-{host.name}"
+        token_file.write_text(text)
+        token_file.chmod(0o600)
+        return ["--ca-nats", cluster.nodes[node].url, "--identity", ident(sa),
+                "--token-file", str(token_file), "--identity-timeout", "20"]  # fmt: skip
+
     async with trio.open_nursery() as nursery:
         children: dict[str, ChildProcess] = {}
-        for host in (h2, h3):
+        for node, host in ((1, h2), (2, h3)):
             app = ChildProcess(
                 f"{host.name}/catalog",
-                [*host.exec_prefix, PY, "-m", "deploy.demo.app", "--role", "catalog", "--port", "9080"],
+                [*host.exec_prefix, PY, APP, "--name", host.name, "--port", "9080"],
                 restart=False,
             )
             children[app.name] = await nursery.start(app.run)
             sidecar = ChildProcess(
                 f"{host.name}/sidecar",
                 [*host.exec_prefix, PY, "-m", "mesh", "sidecar", "--service", "catalog", "--app-port", "9080",
-                 "--config", str(empty), "--inbound-host", "0.0.0.0", "--admin-port", "0", "--outbound-port", "0"],
+                 "--config", str(empty), "--inbound-host", "0.0.0.0", "--admin-port", "0", "--outbound-port", "0",
+                 *await identity_flags(host, node, "catalog"), "--mtls", "STRICT"],
                 restart=False,
             )  # fmt: skip
             children[sidecar.name] = await nursery.start(sidecar.run)
         client = ChildProcess(
             f"{h1.name}/sidecar",
             [*h1.exec_prefix, PY, "-m", "mesh", "sidecar", "--service", "frontend", "--app-port", "9080",
-             "--config", str(snap), "--outbound-port", "15001", "--admin-port", "0", "--inbound-port", "0"],
+             "--config", str(snap), "--outbound-port", "15001", "--admin-port", "0", "--inbound-port", "0",
+             *await identity_flags(h1, 0, "frontend")],
             restart=False,
         )  # fmt: skip
         await nursery.start(client.run)
+
+        # Over mTLS: the apps on h2 and h3 see the caller's verified identity (a
+        # self-declared one from the app is dropped and replaced).
+        replies = await probe(h1, "127.0.0.1", 15001, 8, f"x-mesh-peer-identity: {ident('admin')}")
+        served = set()
+        for reply in replies:
+            assert reply["status"] == 200, reply
+            body = json.loads(reply["body"])
+            assert body["headers"]["x-mesh-peer-identity"] == ident("frontend"), body
+            served.add(body["name"])
+        assert served == {h2.name, h3.name}, replies
+        # STRICT: plaintext straight to h2's inbound port from h1 is accepted by the listener
+        # and closed before any HTTP (the same port that just served mTLS).
+        assert [r["status"] for r in await probe(h1, h2.ip, 15006, 1)] == [0]
 
         before = await load_from(h1, 15001, 200)
         assert before["statuses"] == {"200": 200}, before
@@ -129,6 +223,11 @@ async def test_traffic_crosses_hosts_and_survives_losing_one(
 
         after = await load_from(h1, 15001, 200)
         assert after["statuses"] == {"200": 200}, after
+        # Still mTLS, now all served by h2.
+        for reply in await probe(h1, "127.0.0.1", 15001, 3):
+            assert reply["status"] == 200, reply
+            body = json.loads(reply["body"])
+            assert (body["name"], body["headers"]["x-mesh-peer-identity"]) == (h2.name, ident("frontend"))
         async with connect(cluster.nodes[1].url) as sub_bus, connect(cluster.nodes[0].url) as pub_bus:
             async with sub_bus.subscribe("t.hosts") as sub:
                 pub_bus.publish_nowait("t.hosts", Blob(label="still", data=b""))

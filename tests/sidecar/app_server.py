@@ -1,7 +1,7 @@
 """A small real HTTP/1.1 app for sidecar tests, built on the standard library only
 (so the oracle shares no code with the proxy under test).
 
-Run: python app_server.py --name v1 [--fail] ; prints {"port": N} when listening.
+Run: python app_server.py --name v1 [--fail] ; prints {"event": "ready", "port": N} when listening.
 
 Paths:
   /anything          200 JSON: name, method, path, headers
@@ -194,7 +194,7 @@ def main() -> None:
     Handler.fail = args.fail
     server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
     server.daemon_threads = True
-    print(json.dumps({"port": server.server_address[1]}), flush=True)
+    print(json.dumps({"event": "ready", "port": server.server_address[1]}), flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

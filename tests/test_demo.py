@@ -13,6 +13,7 @@ import trio
 
 from deploy.topology import demo_topology_path, load_topology
 from deploy.topology_plan import make_plan
+from mesh.processes import terminate
 from mesh.snapshot import Snapshot
 
 MESH = [sys.executable, "-m", "mesh"]
@@ -141,6 +142,5 @@ async def test_demo_serves_through_the_mesh_and_stops_cleanly(tmp_path: Path) ->
             assert await proc.wait() == 0
         assert [p for p in ports if await port_open(p)] == []
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        if proc.returncode is None:  # a failed test: stop it the way a user would first
+            await terminate(proc, grace=15)

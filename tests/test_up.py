@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import trio
 
+from mesh.processes import terminate
+
 MESH = [sys.executable, "-m", "mesh"]
 
 
@@ -83,9 +85,8 @@ async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(tmp_pa
         for pid in nats_pids:
             assert not alive(pid), f"pid {pid} survived mesh up"
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        if proc.returncode is None:  # a failed test: stop it the way a user would first
+            await terminate(proc, grace=15)
 
 
 async def test_ping_with_no_nats_is_a_clear_error() -> None:
@@ -137,9 +138,8 @@ async def test_replicas_exit_when_their_supervisor_is_killed(tmp_path: Path) -> 
             while alive(cp_pid):
                 await trio.sleep(0.1)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        if proc.returncode is None:  # a failed test: stop it the way a user would first
+            await terminate(proc, grace=15)
         # nats-server is not ours to teach; the test cleans up what `mesh up` could not.
         for pid in nats_pids:
             if alive(pid):
@@ -174,5 +174,4 @@ async def test_nats_cluster_command_and_up_joining_it(tmp_path: Path) -> None:
     finally:
         for proc in (up, cluster):
             if proc is not None and proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+                await terminate(proc, grace=15)

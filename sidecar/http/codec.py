@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import httptools
 
@@ -128,6 +129,27 @@ class _Reader:
     def on_message_complete(self) -> None:
         self.events.append((END, None))
 
+    # What a parse error answers: the client's fault (400) or the upstream's (502).
+    _MALFORMED = (400, "DPE", "malformed request")
+    _parser: Any  # set by each subclass: a request or a response parser
+
+    def feed(self, data: bytes | bytearray) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
+            return
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            status, flag, what = self._MALFORMED
+            raise ProtocolError(status, flag, f"{what}: {_describe(exc)}") from None
+        if self._in_head:
+            # A head still incomplete after this buffer: count whole buffers, since
+            # httptools only reports a header once its value is complete.
+            self._head_bytes += len(data)
+            self._check_head_size()
+
     def _check_head_size(self) -> None:
         if self._head_bytes > self.max_header_bytes:
             self._error = ProtocolError(
@@ -197,23 +219,6 @@ class RequestReader(_Reader):
                 raise self._error
         self.events.append((BODY, body))
 
-    def feed(self, data: bytes | bytearray) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
-            return
-        except httptools.HttpParserError as exc:
-            if self._error is not None:
-                raise self._error from None
-            raise ProtocolError(400, "DPE", f"malformed request: {_describe(exc)}") from None
-        if self._in_head:
-            # A head still incomplete after this buffer: count whole buffers, since
-            # httptools only reports a header once its value is complete.
-            self._head_bytes += len(data)
-            self._check_head_size()
-
-
 class ResponseReader(_Reader):
     """Frames one response at a time from an upstream connection.
 
@@ -226,6 +231,8 @@ class ResponseReader(_Reader):
         self._parser = httptools.HttpResponseParser(self)
         self._head_request = False
         self._status = 0
+
+    _MALFORMED = (502, "UPE", "malformed upstream response")
 
     def expect_head_response(self) -> None:
         self._head_request = True
@@ -267,22 +274,6 @@ class ResponseReader(_Reader):
         if self._head_request and self._status >= 200:
             return  # END already queued at headers complete
         self.events.append((END, None))
-
-    def feed(self, data: bytes | bytearray) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self.events.append((UPGRADE, bytes(data[exc.args[0]:])))
-            return
-        except httptools.HttpParserError as exc:
-            if self._error is not None:
-                raise self._error from None
-            raise ProtocolError(502, "UPE", f"malformed upstream response: {_describe(exc)}"
-                                ) from None
-        if self._in_head:
-            self._head_bytes += len(data)
-            self._check_head_size()
-
 
 def _describe(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__

@@ -138,6 +138,7 @@ PAGE = """<!doctype html>
   .node text { font-size: 14px; font-weight: 600; text-anchor: middle; }
   .edge line { stroke: #6b7689; stroke-width: 2.5; }
   .edge.bad line { stroke: #d8453b; }
+  .edge.tcp line { stroke-dasharray: 6 4; }
   .edge-label { font-size: 12px; fill: #1d2330; }
   .edge.bad .edge-label { fill: #b3261e; font-weight: 600; }
   table { border-collapse: collapse; background: #fff; font-size: 13px; align-self: flex-start; }
@@ -168,7 +169,17 @@ function el(tag, attrs, text) {
   return e;
 }
 function ms(v) { return v === null || v === undefined ? "-" : v.toFixed(1) + "ms"; }
+function bytes(v) {
+  return v >= 1e6 ? (v / 1e6).toFixed(1) + " MB/s" : v >= 1e3 ? (v / 1e3).toFixed(1) + " kB/s" : v.toFixed(0) + " B/s";
+}
+// Opaque TCP edges have no requests: connections opened per second and bytes per second
+// both ways (sent: source to destination), plus refusals by policy when there were any.
+function tcpLabel(e) {
+  return "tcp " + e.tcp_cps.toFixed(1) + " conn/s · ↑" + bytes(e.tcp_sent_bps) + " ↓" +
+    bytes(e.tcp_received_bps) + (e.tcp_denied ? " · " + e.tcp_denied + " denied" : "");
+}
 function label(e) {
+  if (e.protocol === "tcp") return tcpLabel(e);
   return e.rps.toFixed(1) + " rps · " + (e.error_rate * 100).toFixed(1) + "% err · p99 " + ms(e.p99_ms);
 }
 function render(g) {
@@ -187,15 +198,21 @@ function render(g) {
   for (const e of g.edges) {
     const [x1, y1] = pos[e.src], [x2, y2] = pos[e.dst];
     const d = Math.hypot(x2 - x1, y2 - y1) || 1, ux = (x2 - x1) / d, uy = (y2 - y1) / d;
-    const grp = el("g", {class: "edge" + (e.error_rate > 0.05 ? " bad" : ""), id: "edge-" + e.src + "-" + e.dst});
+    const bad = e.error_rate > 0.05 || (e.protocol === "tcp" && e.tcp_denied > 0);
+    const grp = el("g", {class: "edge" + (bad ? " bad" : "") + (e.protocol === "tcp" ? " tcp" : ""), id: "edge-" + e.src + "-" + e.dst});
     grp.appendChild(el("line", {x1: x1 + ux * 34, y1: y1 + uy * 34, x2: x2 - ux * 36, y2: y2 - uy * 36, "marker-end": "url(#arrow)"}));
     // Labels sit outside the edge, away from the centre, so converging edges do not collide.
     const mx = (x1 + x2) / 2, my = (y1 + y2) / 2, ox = mx - cx, oy = my - cy, od = Math.hypot(ox, oy) || 1;
     grp.appendChild(el("text", {class: "edge-label", x: mx + ox / od * 12, y: my + oy / od * 12 + 4,
       "text-anchor": ox < -1 ? "end" : ox > 1 ? "start" : "middle"}, label(e)));
     edges.appendChild(grp);
-    rows.push("<tr><td>" + e.src + "</td><td>" + e.dst + "</td><td>" + e.rps.toFixed(1) + "</td><td>" +
-      (e.error_rate * 100).toFixed(1) + "%</td><td>" + ms(e.p50_ms) + "</td><td>" + ms(e.p99_ms) + "</td></tr>");
+    if (e.protocol === "tcp") {
+      rows.push("<tr class=\"tcp\"><td>" + e.src + "</td><td>" + e.dst + "</td><td colspan=\"4\">" +
+        tcpLabel(e) + "</td></tr>");
+    } else {
+      rows.push("<tr><td>" + e.src + "</td><td>" + e.dst + "</td><td>" + e.rps.toFixed(1) + "</td><td>" +
+        (e.error_rate * 100).toFixed(1) + "%</td><td>" + ms(e.p50_ms) + "</td><td>" + ms(e.p99_ms) + "</td></tr>");
+    }
   }
   for (const n of nodes) {
     const grp = el("g", {class: "node", id: "node-" + n});

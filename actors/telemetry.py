@@ -119,6 +119,21 @@ class MeshCollector(Collector):
         yield req
         yield err
         yield dur
+        tcp_families = [
+            CounterMetricFamily(name, text, labels=labels)
+            for name, text in (
+                ("mesh_edge_tcp_connections_opened", "opaque TCP connections opened per pair"),
+                ("mesh_edge_tcp_connections_closed", "opaque TCP connections closed per pair"),
+                ("mesh_edge_tcp_sent_bytes", "TCP bytes sent by the source per pair"),
+                ("mesh_edge_tcp_received_bytes", "TCP bytes received by the source per pair"),
+                ("mesh_edge_tcp_connections_denied", "TCP connections refused by policy"),
+            )
+        ]
+        for (src, dst), agg in sorted(st.totals.items()):
+            if agg.tcp is not None:
+                for family, n in zip(tcp_families, agg.tcp.as_tuple(), strict=True):
+                    family.add_metric([src, dst], n)
+        yield from tcp_families
         wl = [*labels, "window"]
         rps = GaugeMetricFamily("mesh_edge_requests_per_second", "request rate", labels=wl)
         ratio = GaugeMetricFamily("mesh_edge_error_ratio", "failed / all requests", labels=wl)

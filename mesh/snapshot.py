@@ -193,20 +193,37 @@ class Authz:
     rules: tuple[AuthzRule, ...] = ()
 
 
+DEFAULT_TCP_IDLE_TIMEOUT = 3600.0  # seconds, as Envoy's tcp_proxy
+
+
+@dataclass(frozen=True)
+class InboundTcp:
+    """Present when this sidecar's service is opaque TCP: the inbound listener (after mTLS
+    and authorization by caller identity) splices each connection to the app port."""
+
+    idle_timeout: float = DEFAULT_TCP_IDLE_TIMEOUT
+
+
 @dataclass(frozen=True)
 class Inbound:
     timeout: float = 15.0
     faults: tuple[InboundFault, ...] = ()
     mtls: str | None = None  # STRICT | PERMISSIVE | DISABLE; None: the sidecar's --mtls
     authz: Authz | None = None
+    tcp: InboundTcp | None = None
 
 
 @dataclass(frozen=True)
 class TcpProxy:
+    """A local opaque TCP listener on 127.0.0.1:`port` (0: any free port), each connection
+    spliced to one endpoint of `cluster`/`subset` (mTLS when the sidecar has an identity and
+    the cluster's `mtls` is on) and closed after `idle_timeout` seconds without a byte."""
+
     name: str
     port: int
     cluster: str
     subset: str
+    idle_timeout: float = DEFAULT_TCP_IDLE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -606,7 +623,7 @@ def _parse_snapshot(root: _Node) -> Snapshot:
     inbound = Inbound()
     inb = root.get("inbound")
     if inb is not None:
-        inb.check_keys(("timeout", "faults", "mtls", "authz"))
+        inb.check_keys(("timeout", "faults", "mtls", "authz", "tcp"))
         faults: list[InboundFault] = []
         faults_node = inb.get("faults")
         for f in faults_node.items() if faults_node else []:
@@ -617,10 +634,17 @@ def _parse_snapshot(root: _Node) -> Snapshot:
             faults.append(InboundFault(match=_parse_match(f.get("match")), fault=fault))
         mtls_node = inb.get("mtls")
         authz_node = inb.get("authz")
+        tcp_in_node = inb.get("tcp")
+        tcp_in: InboundTcp | None = None
+        if tcp_in_node is not None:
+            tcp_in_node.check_keys(("idle_timeout",))
+            tcp_in = InboundTcp(idle_timeout=_opt_num(tcp_in_node, "idle_timeout",
+                                                      DEFAULT_TCP_IDLE_TIMEOUT, 0.001, 7 * 86400))
         inbound = Inbound(timeout=_opt_num(inb, "timeout", 15.0, 0.001, 86400),
                           faults=tuple(faults),
                           mtls=_parse_mtls(mtls_node) if mtls_node else None,
-                          authz=_parse_authz(authz_node) if authz_node else None)
+                          authz=_parse_authz(authz_node) if authz_node else None,
+                          tcp=tcp_in)
     clusters_node = root.get("clusters")
     clusters = [_parse_cluster(c) for c in (clusters_node.items() if clusters_node else [])]
     by_name: dict[str, Cluster] = {}
@@ -647,9 +671,15 @@ def _parse_snapshot(root: _Node) -> Snapshot:
     tcp: list[TcpProxy] = []
     tcp_node = root.get("tcp")
     for t in tcp_node.items() if tcp_node else []:
-        t.check_keys(("name", "port", "cluster", "subset"))
+        t.check_keys(("name", "port", "cluster", "subset", "idle_timeout"))
         proxy = TcpProxy(name=t.req("name").str_(), port=t.req("port").int_(0, 65535),
-                         cluster=t.req("cluster").str_(), subset=t.req("subset").str_())
+                         cluster=t.req("cluster").str_(), subset=t.req("subset").str_(),
+                         idle_timeout=_opt_num(t, "idle_timeout", DEFAULT_TCP_IDLE_TIMEOUT,
+                                               0.001, 7 * 86400))
+        if any(p.name == proxy.name for p in tcp):
+            raise t.fail(f"duplicate tcp listener {proxy.name!r}")
+        if proxy.port and any(p.port == proxy.port for p in tcp):
+            raise t.fail(f"port {proxy.port} is already used by another tcp listener")
         tc = by_name.get(proxy.cluster)
         if tc is None:
             raise t.fail(f"cluster {proxy.cluster!r} does not exist")
@@ -762,6 +792,8 @@ def _inbound_to_dict(i: Inbound) -> dict[str, Any]:
                    for f in i.faults]}
     if i.mtls is not None:
         out["mtls"] = i.mtls
+    if i.tcp is not None:
+        out["tcp"] = {"idle_timeout": i.tcp.idle_timeout}
     if i.authz is not None:
         rules = []
         for r in i.authz.rules:

@@ -139,10 +139,46 @@ class Histogram:
         return out
 
 
-class PairAgg:
-    """What one (source, destination, version) pair did: counts, codes, latency, bytes."""
+class TcpAgg:
+    """What one pair did over opaque TCP: connections and bytes, seen by the caller's sidecar
+    (`denied`: by the destination's, which refused the connection by policy)."""
 
-    __slots__ = ("codes", "errors", "flags", "hist", "requests", "rx_bytes", "tx_bytes")
+    __slots__ = ("closed", "denied", "opened", "received", "sent")
+
+    def __init__(
+        self, opened: int = 0, closed: int = 0, sent: int = 0, received: int = 0, denied: int = 0
+    ) -> None:
+        self.opened = opened
+        self.closed = closed
+        self.sent = sent  # bytes the source sent to the destination
+        self.received = received  # bytes the source received from it
+        self.denied = denied
+
+    def as_tuple(self) -> tuple[int, int, int, int, int]:
+        return (self.opened, self.closed, self.sent, self.received, self.denied)
+
+    def __bool__(self) -> bool:
+        return any(self.as_tuple())
+
+    def add(self, opened: int, closed: int, sent: int, received: int, denied: int) -> None:
+        self.opened += opened
+        self.closed += closed
+        self.sent += sent
+        self.received += received
+        self.denied += denied
+
+    def merge(self, other: TcpAgg) -> None:
+        self.add(*other.as_tuple())
+
+    def subtract(self, other: TcpAgg) -> None:
+        self.add(*(-n for n in other.as_tuple()))
+
+
+class PairAgg:
+    """What one (source, destination, version) pair did: counts, codes, latency, bytes;
+    `tcp` (None until a pair has opaque TCP traffic) its TCP connections and bytes."""
+
+    __slots__ = ("codes", "errors", "flags", "hist", "requests", "rx_bytes", "tcp", "tx_bytes")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -152,6 +188,13 @@ class PairAgg:
         self.rx_bytes = 0  # request bytes received from the client
         self.tx_bytes = 0  # response bytes sent back to it
         self.flags: dict[str, int] = {}
+        self.tcp: TcpAgg | None = None
+
+    def tcp_agg(self) -> TcpAgg:
+        tcp = self.tcp
+        if tcp is None:
+            tcp = self.tcp = TcpAgg()
+        return tcp
 
     def observe(
         self, status: int, flags: str, seconds: float, rx_bytes: int, tx_bytes: int
@@ -177,8 +220,11 @@ class PairAgg:
         rx_bytes: int,
         tx_bytes: int,
         flags: Mapping[str, int],
+        tcp: tuple[int, int, int, int, int] | None = None,
     ) -> None:
         """Add one telemetry row (sparse histogram): cheaper than building a PairAgg."""
+        if tcp is not None:
+            self.tcp_agg().add(*tcp)
         self.requests += requests
         self.errors += errors
         mine = self.codes
@@ -200,6 +246,8 @@ class PairAgg:
         self.tx_bytes += other.tx_bytes
         for f, n in other.flags.items():
             self.flags[f] = self.flags.get(f, 0) + n
+        if other.tcp is not None:
+            self.tcp_agg().merge(other.tcp)
 
     def subtract(self, other: PairAgg) -> None:
         self.requests -= other.requests
@@ -215,6 +263,8 @@ class PairAgg:
                 self.flags[f] = left
             else:
                 self.flags.pop(f, None)
+        if other.tcp is not None:
+            self.tcp_agg().subtract(other.tcp)
 
 
 def merge_all(aggs: Iterable[PairAgg]) -> PairAgg:

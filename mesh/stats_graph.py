@@ -76,7 +76,9 @@ class GraphState:
             if w is None:
                 w = self.edges[ekey] = WindowedAgg(now)
                 self.totals[ekey] = PairAgg()
-            args = (row.n, row.err, row.codes, row.lat, row.lat_sum, row.rx, row.tx, row.flags)
+            args = (
+                row.n, row.err, row.codes, row.lat, row.lat_sum, row.rx, row.tx, row.flags, row.tcp
+            )
             self.totals[ekey].add_row(*args)
             target = w.slot(now)
             if target is not None:
@@ -109,8 +111,13 @@ class GraphState:
         edges: list[dict[str, Any]] = []
         for (src, dst), w in sorted(self.edges.items()):
             agg, seconds = w.window(window, now)
-            if agg.requests <= 0:
+            # An edge shows when it carried requests or opaque TCP in the window; TCP-only
+            # edges are marked so a reader does not take their 0 requests for idleness.
+            if agg.requests <= 0 and not agg.tcp:
                 continue
             nodes.update((src, dst))
-            edges.append({"src": src, "dst": dst, **golden(agg, seconds).to_dict()})
+            protocol = "http" if agg.requests > 0 else "tcp"
+            edges.append(
+                {"src": src, "dst": dst, "protocol": protocol, **golden(agg, seconds).to_dict()}
+            )
         return sorted(nodes), edges

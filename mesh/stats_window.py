@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.stats import PairAgg
+from mesh.stats import PairAgg, TcpAgg
 
 WINDOWS: dict[str, int] = {"10s": 10, "1m": 60, "5m": 300}
 _LONGEST = max(WINDOWS.values())
@@ -108,6 +108,13 @@ class Golden:
     p99_ms: float | None
     rx_bps: float
     tx_bps: float
+    # Opaque TCP (0 for HTTP-only edges): connections opened and refused by policy in the
+    # window, opened per second, and bytes per second each way (sent: source -> destination).
+    tcp_connections: int = 0
+    tcp_cps: float = 0.0
+    tcp_sent_bps: float = 0.0
+    tcp_received_bps: float = 0.0
+    tcp_denied: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -120,6 +127,11 @@ class Golden:
             "p99_ms": self.p99_ms,
             "rx_bps": self.rx_bps,
             "tx_bps": self.tx_bps,
+            "tcp_connections": self.tcp_connections,
+            "tcp_cps": self.tcp_cps,
+            "tcp_sent_bps": self.tcp_sent_bps,
+            "tcp_received_bps": self.tcp_received_bps,
+            "tcp_denied": self.tcp_denied,
         }
 
 
@@ -129,6 +141,7 @@ def _ms(v: float | None) -> float | None:
 
 def golden(agg: PairAgg, seconds: float) -> Golden:
     n = agg.requests
+    tcp = agg.tcp or TcpAgg()
     return Golden(
         requests=n,
         rps=round(n / seconds, 3),
@@ -139,4 +152,9 @@ def golden(agg: PairAgg, seconds: float) -> Golden:
         p99_ms=_ms(agg.hist.quantile(0.99)),
         rx_bps=round(agg.rx_bytes / seconds, 1),
         tx_bps=round(agg.tx_bytes / seconds, 1),
+        tcp_connections=tcp.opened,
+        tcp_cps=round(tcp.opened / seconds, 3),
+        tcp_sent_bps=round(tcp.sent / seconds, 1),
+        tcp_received_bps=round(tcp.received / seconds, 1),
+        tcp_denied=tcp.denied,
     )

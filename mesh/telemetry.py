@@ -13,7 +13,9 @@ On the wire it is an ordinary mesh message (docs/messages.md), msgpack
     ``src``, ``dst``, ``ver`` str; ``n`` requests; ``err`` failures (5xx or no
     response); ``codes`` [0xx, 1xx, 2xx, 3xx, 4xx, 5xx] counts; ``lat`` map
     {bucket index: count}; ``lat_sum`` seconds; ``rx``/``tx`` bytes;
-    ``flags`` map {response flags: count}.
+    ``flags`` map {response flags: count}; optional ``tcp`` map (opaque TCP, see
+    TCP_KEYS): {"opened", "closed", "sent", "received", "denied"} counts. A TCP-only
+    pair has ``n`` = 0, so a reader that ignores ``tcp`` sees no requests there.
 
 Counts are deltas for the interval, never cumulative: a reader adds them up.
 """
@@ -32,6 +34,10 @@ from mesh.stats import BASE_S, CODE_CLASSES, GROWTH_LOG2, NBUCKETS, PairAgg
 SCHEMA = 1
 HIST_SCHEME: dict[str, Any] = {"base": BASE_S, "growth_log2": GROWTH_LOG2, "buckets": NBUCKETS}
 
+# The optional per-row `tcp` map, in TcpAgg.as_tuple() order (docs/telemetry.md).
+TCP_KEYS = ("opened", "closed", "sent", "received", "denied")
+TcpCounts = tuple[int, int, int, int, int]
+
 PairKey = tuple[str, str, str]  # (source service, destination service, destination version)
 
 
@@ -41,7 +47,7 @@ class BadBatch(MessageError):
 
 def pair_row(key: PairKey, agg: PairAgg) -> dict[str, Any]:
     src, dst, ver = key
-    return {
+    row = {
         "src": src,
         "dst": dst,
         "ver": ver,
@@ -54,6 +60,9 @@ def pair_row(key: PairKey, agg: PairAgg) -> dict[str, Any]:
         "tx": agg.tx_bytes,
         "flags": dict(agg.flags),
     }
+    if agg.tcp:
+        row["tcp"] = dict(zip(TCP_KEYS, agg.tcp.as_tuple(), strict=True))
+    return row
 
 
 def build_batch(
@@ -77,7 +86,7 @@ def build_batch(
         ts=ts,
         interval=interval,
         hist=dict(HIST_SCHEME),
-        pairs=[pair_row(k, a) for k, a in pairs.items() if a.requests],
+        pairs=[pair_row(k, a) for k, a in pairs.items() if a.requests or a.tcp],
     )
 
 
@@ -93,11 +102,13 @@ class Row(NamedTuple):
     rx: int
     tx: int
     flags: dict[str, int]
+    tcp: TcpCounts | None = None
 
     def agg(self) -> PairAgg:
         a = PairAgg()
         a.add_row(
-            self.n, self.err, self.codes, self.lat, self.lat_sum, self.rx, self.tx, self.flags
+            self.n, self.err, self.codes, self.lat, self.lat_sum, self.rx, self.tx, self.flags,
+            self.tcp,
         )
         return a
 
@@ -124,6 +135,15 @@ def parse_row(row: Mapping[str, Any]) -> Row:
     ):
         raise BadBatch("'lat' must map bucket indexes to counts")
     flags = row.get("flags") or {}
+    tcp_raw = row.get("tcp")
+    tcp: TcpCounts | None = None
+    if tcp_raw is not None:
+        if not isinstance(tcp_raw, dict):
+            raise BadBatch("'tcp' must be a map of counts")
+        o, c, s, r, d = (int(tcp_raw.get(k, 0)) for k in TCP_KEYS)
+        if min(o, c, s, r, d) < 0:
+            raise BadBatch("'tcp' counts must not be negative")
+        tcp = (o, c, s, r, d)
     return Row(
         (str(row["src"]), str(row["dst"]), str(row.get("ver", ""))),
         int(row["n"]),
@@ -134,6 +154,7 @@ def parse_row(row: Mapping[str, Any]) -> Row:
         int(row.get("rx", 0)),
         int(row.get("tx", 0)),
         {str(k): int(v) for k, v in flags.items()},
+        tcp,
     )
 
 

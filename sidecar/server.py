@@ -24,7 +24,9 @@ from sidecar.pool import Pool
 from sidecar.proxy import HttpProxy
 from sidecar.runtime import Runtime
 from sidecar.stats import Stats
-from sidecar.tcp_proxy import TcpListener
+from sidecar.tcp_inbound import TcpInbound
+from sidecar.tcp_proxy import TcpListener, TcpListeners
+from sidecar.tcp_telemetry import TcpCollector, TcpRecorder
 from sidecar.telemetry import SidecarTelemetry
 
 log = logging.getLogger("mesh.sidecar")
@@ -41,6 +43,9 @@ class SidecarOptions:
     admin_port: int = 15000
     inbound_host: str = "127.0.0.1"  # other hosts' sidecars need 0.0.0.0
     watch_interval: float = 1.0
+    # Local ports of outbound TCP listeners by name, over the snapshot's (`--tcp-port`):
+    # callers sharing a host cannot all bind a Service's port.
+    tcp_ports: tuple[tuple[str, int], ...] = ()
 
 
 def check_snapshot(snapshot: Snapshot, opts: SidecarOptions) -> None:
@@ -64,7 +69,10 @@ class Sidecar:
         self.stats.snapshot_version = snapshot.version
         self.stats.reloads_ok = 1
         self._local_tcp: tuple[tuple[TcpProxy, ...], tuple[Cluster, ...]] = ((), ())
-        self._remember_local_tcp(snapshot)
+        if opts.config is not None:
+            self._remember_local_tcp(snapshot)
+        self._upstream_tls: UpstreamTls | None = None
+        self.tcp_listeners: TcpListeners | None = None  # set by run()
         self.telemetry: SidecarTelemetry | None = None  # set before run() to turn it on
         self.inbound_ssl = inbound_ssl
         self.pool = Pool(ssl_context=upstream_ssl)  # to other sidecars
@@ -88,7 +96,8 @@ class Sidecar:
         DISABLE (the snapshot's inbound.mtls wins when set)."""
         self._agent = agent
         if mode != "DISABLE":
-            self.pool.tls = UpstreamTls(agent, self.stats).connect
+            self._upstream_tls = UpstreamTls(agent, self.stats)
+            self.pool.tls = self._upstream_tls.connect
         self.stats.cert_expiry = agent.seconds_to_expiry
         self._identity_mode = mode
 
@@ -130,26 +139,30 @@ class Sidecar:
             log.exception("snapshot refused (internal error), keeping version %s",
                           self._runtime.snapshot.version)
             return False
+        self._remember_local_tcp(snapshot)
         return self.apply_snapshot(snapshot) is None
 
     def _remember_local_tcp(self, snapshot: Snapshot) -> None:
         """TCP listeners of the file snapshot are local to this sidecar (their ports are this
-        host's); the control plane does not route opaque TCP, so its snapshots keep them."""
-        if snapshot.tcp:
-            wanted = {t.cluster for t in snapshot.tcp}
-            self._local_tcp = (snapshot.tcp, tuple(c for c in snapshot.clusters if c.name in wanted))
+        host's, their clusters may be plain apps); control-plane snapshots keep them, next
+        to the TCP services the control plane compiles (docs/resources.md)."""
+        wanted = {t.cluster for t in snapshot.tcp}
+        self._local_tcp = (snapshot.tcp, tuple(c for c in snapshot.clusters if c.name in wanted))
 
     def apply_snapshot(self, snapshot: Snapshot) -> str | None:
         """Swap in a snapshot (from the file or the control plane) after the same checks;
         returns None once it is in force, else why it was refused (the old one stays)."""
         tcp, tcp_clusters = self._local_tcp
-        if tcp and not snapshot.tcp:
+        if tcp:
+            # The snapshot's own listeners win a name clash; the file's keep their clusters.
             names = {c.name for c in snapshot.clusters}
+            own = {t.name for t in snapshot.tcp}
+            extra = tuple(t for t in tcp if t.name not in own)
             snapshot = dataclasses.replace(
-                snapshot, tcp=tcp,
-                clusters=snapshot.clusters + tuple(c for c in tcp_clusters if c.name not in names))
-        else:
-            self._remember_local_tcp(snapshot)
+                snapshot, tcp=snapshot.tcp + extra,
+                clusters=snapshot.clusters + tuple(
+                    c for c in tcp_clusters
+                    if c.name not in names and any(t.cluster == c.name for t in extra)))
         try:
             check_snapshot(snapshot, self.opts)
             runtime = Runtime(snapshot, self.opts.app_port, self._rng, time.monotonic,
@@ -160,6 +173,8 @@ class Sidecar:
                       self._runtime.snapshot.version, exc)
             return str(exc)
         self._runtime = runtime
+        if self.tcp_listeners is not None:
+            self.tcp_listeners.update(snapshot.tcp)
         self.stats.reloads_ok += 1
         self.stats.snapshot_version = snapshot.version
         if self.telemetry is not None:
@@ -200,11 +215,26 @@ class Sidecar:
         if tel is not None:
             tel.register(admin.registry)
             tel.recorder.config_version = self._runtime.snapshot.version
+        if tel is not None:
+            tcp_recorder = tel.recorder.tcp
+        else:  # no batches, but /metrics still counts TCP connections and refusals
+            tcp_recorder = TcpRecorder()
+            admin.registry.register(TcpCollector(tcp_recorder))
+        tcp_inbound = TcpInbound(self.runtime, o.app_port, o.service, o.version, tcp_recorder)
+
+        async def inbound_any(stream: trio.abc.Stream, peer: Any = None) -> None:
+            # The service's protocol is the snapshot's, read per connection: opaque TCP
+            # (inbound.tcp) is spliced to the app, anything else is HTTP.
+            if self._runtime.snapshot.inbound.tcp is not None:
+                await tcp_inbound.handle(stream, peer)
+            else:
+                await inbound.handle(stream, peer)
+
         agent = self._agent
-        inbound_handler: Any = inbound.handle
+        inbound_handler: Any = inbound_any
         if agent is not None:
             self.identity = InboundGate(agent, self._identity_mode, self.runtime, self.stats,
-                                        inbound.handle)
+                                        inbound_any)
             inbound_handler = self.identity.handle
             inbound.trust_declared_source = False
         try:
@@ -220,12 +250,15 @@ class Sidecar:
                                    else None)
                     ports[name] = await self._listen(nursery, name, host, port, handler,
                                                      ssl_context)
-                tcp_ports: dict[str, int] = {}
-                for t in self._runtime.snapshot.tcp:
-                    listener = TcpListener(t, self.runtime)
-                    tcp_ports[t.name] = await self._listen(nursery, f"tcp {t.name}", "127.0.0.1",
-                                                           t.port, listener.handle)
-                ports["tcp"] = tcp_ports
+                upstream_tls = self._upstream_tls
+                tcp = TcpListeners(
+                    lambda t: TcpListener(t, self.runtime, service=o.service,
+                                          recorder=tcp_recorder,
+                                          tls=upstream_tls.connect if upstream_tls else None),
+                    dict(o.tcp_ports))
+                self.tcp_listeners = tcp  # before start: a snapshot arriving meanwhile updates it
+                await tcp.start(nursery, self._runtime.snapshot.tcp)
+                ports["tcp"] = tcp.ports  # the live dict: later listeners show in /config_dump
                 self.ports = ports
                 nursery.start_soon(self._watch_file)
                 if tel is not None:

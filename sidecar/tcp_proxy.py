@@ -1,51 +1,146 @@
-"""Opaque TCP: each accepted connection is spliced to one endpoint of a cluster subset."""
+"""Opaque TCP, caller side: each accepted local connection is spliced to one endpoint of a
+cluster subset, over mTLS when the sidecar has an identity (the endpoint is then the
+destination sidecar's inbound listener, which checks who we are; we check who it is).
+
+`TcpListeners` keeps the set of listeners equal to the snapshot's `tcp` list while the
+sidecar runs: control-plane snapshots add, move and remove them without a restart.
+A port that cannot be bound is logged and counted, never fatal to the sidecar.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import trio
 
-from mesh.snapshot import TcpProxy
-from sidecar.fastio import set_nodelay
+from mesh.errors import ConfigError
+from mesh.snapshot import Cluster, Endpoint, TcpProxy
+from sidecar.fastio import close_now, set_nodelay
 from sidecar.runtime import Runtime
 from sidecar.splice import splice
+from sidecar.tcp_telemetry import TcpRecorder
 
 log = logging.getLogger("mesh.sidecar.tcp")
 
+TlsConnect = Callable[[trio.SocketStream, Cluster, Endpoint], Awaitable[trio.abc.Stream]]
+
 
 class TcpListener:
-    def __init__(self, config: TcpProxy, runtime: Callable[[], Runtime]) -> None:
+    def __init__(self, config: TcpProxy, runtime: Callable[[], Runtime], *,
+                 service: str = "unknown", recorder: TcpRecorder | None = None,
+                 tls: TlsConnect | None = None) -> None:
         self.name = config.name
         self._runtime = runtime
+        self.service = service
+        self.recorder = recorder if recorder is not None else TcpRecorder()
+        self.tls = tls  # None: plaintext (no identity, or --mtls DISABLE)
 
     async def handle(self, stream: trio.SocketStream) -> None:
+        upstream: trio.abc.Stream | None = None
         try:
             set_nodelay(stream)
             rt = self._runtime()
             config = next((t for t in rt.snapshot.tcp if t.name == self.name), None)
             if config is None:
-                return  # removed by a reload; its port closes on restart
+                return  # removed by a reload while this connection was queued
             cluster = rt.clusters[config.cluster]
             ep = cluster.pick(config.subset, None)
             if ep is None:
-                log.warning("tcp %s: no healthy endpoint", self.name)
+                log.warning("tcp %s: no healthy endpoint in %s/%s", self.name, config.cluster,
+                            config.subset)
                 return
             try:
                 with trio.fail_after(cluster.config.connect_timeout):
-                    upstream = await trio.open_tcp_stream(ep.host, ep.port)
+                    tcp = await trio.open_tcp_stream(ep.host, ep.port)
             except (OSError, trio.TooSlowError):
                 cluster.outlier.on_failure(ep)
                 log.warning("tcp %s: connect to %s failed", self.name, ep)
                 return
+            upstream = tcp
+            set_nodelay(tcp)
+            if self.tls is not None and cluster.config.mtls:
+                try:
+                    upstream = await self.tls(tcp, cluster.config, ep)
+                except Exception as exc:  # TlsRefused: logged and counted by UpstreamTls
+                    cluster.outlier.on_failure(ep)
+                    log.warning("tcp %s: %s", self.name, exc)
+                    return
             cluster.outlier.on_success(ep)
-            set_nodelay(upstream)
+            conn = self.recorder.open("source", self.service, config.cluster, config.subset)
             try:
-                await splice(stream, upstream)
+                idled = await splice(stream, upstream, idle_timeout=config.idle_timeout,
+                                     a_to_b=conn.sent, b_to_a=conn.received)
             finally:
-                upstream.socket.close()
+                self.recorder.close(conn)
+            if idled:
+                log.info("tcp %s: closed after %g s idle", self.name, config.idle_timeout)
         except Exception:
             log.exception("tcp %s: unexpected error", self.name)
         finally:
+            if upstream is not None:
+                close_now(upstream)
             stream.socket.close()
+
+
+class TcpListeners:
+    """The running outbound TCP listeners, reconciled with each snapshot (`update`)."""
+
+    def __init__(self, make: Callable[[TcpProxy], TcpListener],
+                 port_overrides: Mapping[str, int] | None = None) -> None:
+        self._make = make
+        self.port_overrides = dict(port_overrides or {})
+        self._nursery: trio.Nursery | None = None
+        self._running: dict[str, tuple[int, trio.CancelScope]] = {}  # name -> (wanted, scope)
+        self.ports: dict[str, int] = {}  # name -> bound port (what the admin and ready show)
+        self.bind_failures = 0
+
+    def wanted_port(self, t: TcpProxy) -> int:
+        return self.port_overrides.get(t.name, t.port)
+
+    async def start(self, nursery: trio.Nursery, tcp: tuple[TcpProxy, ...]) -> None:
+        """Bind the first set now (a file snapshot's bind error is the user's to see)."""
+        self._nursery = nursery
+        for t in tcp:
+            if t.name not in self._running:
+                await nursery.start(self._serve, t, True)
+
+    def update(self, tcp: tuple[TcpProxy, ...]) -> None:
+        """Start new listeners, restart moved ones, stop removed ones (from sync code)."""
+        nursery = self._nursery
+        if nursery is None:
+            return  # not running yet: start() takes the snapshot in force then
+        wanted = {t.name: t for t in tcp}
+        for name, (port, scope) in list(self._running.items()):
+            t = wanted.get(name)
+            if t is None or self.wanted_port(t) != port:
+                scope.cancel()
+                del self._running[name]
+                self.ports.pop(name, None)
+        for name, t in wanted.items():
+            if name not in self._running:
+                nursery.start_soon(self._serve, t, False)
+
+    async def _serve(self, t: TcpProxy, strict: bool,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        port = self.wanted_port(t)
+        scope = trio.CancelScope()
+        self._running[t.name] = (port, scope)
+        with scope:
+            try:
+                listeners = await trio.open_tcp_listeners(port, host="127.0.0.1", backlog=1024)
+            except OSError as exc:
+                self.bind_failures += 1
+                self._running.pop(t.name, None)
+                if strict:
+                    raise ConfigError(f"tcp {t.name} listener: cannot bind 127.0.0.1:{port}: "
+                                      f"{exc.strerror}") from None
+                log.error("tcp %s listener: cannot bind 127.0.0.1:%d: %s (the listener "
+                          "stays down until a snapshot changes it)", t.name, port, exc.strerror)
+                task_status.started()
+                return
+            self.ports[t.name] = listeners[0].socket.getsockname()[1]
+            log.info("tcp %s listening on 127.0.0.1:%d", t.name, self.ports[t.name])
+            listener = self._make(t)
+            task_status.started()
+            await trio.serve_listeners(listener.handle, listeners)

@@ -39,6 +39,7 @@ from mesh.errors import BusError, MeshError
 from mesh.stats import BASE_S, GROWTH_LOG2, NBUCKETS, PairAgg
 from mesh.telemetry import PairKey, build_batch
 from sidecar.accesslog import AccessLog
+from sidecar.tcp_telemetry import TcpCollector, TcpRecorder
 from sidecar.tracing import Hop, HopTracer, SpanShipper
 
 log = logging.getLogger("mesh.sidecar.telemetry")
@@ -66,10 +67,7 @@ class Recorder:
         self.current: dict[PairKey, PairAgg] = {}
         self.folded: dict[PairKey, PairAgg] = {}  # previous intervals, for /metrics
         self.requests: dict[RequestKey, int] = {}  # cumulative, by code and flags
-        self.tcp_opened: dict[str, int] = {}
-        self.tcp_closed: dict[str, int] = {}
-        self.tcp_rx: dict[str, int] = {}
-        self.tcp_tx: dict[str, int] = {}
+        self.tcp = TcpRecorder()  # opaque TCP per pair (sidecar/tcp_telemetry.py)
         self.retries: dict[str, int] = {}
         self.ejections: dict[str, int] = {}
         self.overflows: dict[str, int] = {}
@@ -125,12 +123,12 @@ class Recorder:
     # -- other events (connection and resilience layers) ---------------------
 
     def tcp_open(self, dst: str) -> None:
-        self.tcp_opened[dst] = self.tcp_opened.get(dst, 0) + 1
+        """A connection to `dst` counted without a splice (the TCP listeners use `self.tcp`)."""
+        self.tcp.add("source", self.service, dst, "", opened=1)
 
     def tcp_close(self, dst: str, rx_bytes: int, tx_bytes: int) -> None:
-        self.tcp_closed[dst] = self.tcp_closed.get(dst, 0) + 1
-        self.tcp_rx[dst] = self.tcp_rx.get(dst, 0) + rx_bytes
-        self.tcp_tx[dst] = self.tcp_tx.get(dst, 0) + tx_bytes
+        self.tcp.add("source", self.service, dst, "", closed=1, sent=tx_bytes,
+                     received=rx_bytes)
 
     def retry(self, dst: str) -> None:
         self.retries[dst] = self.retries.get(dst, 0) + 1
@@ -187,9 +185,15 @@ class TelemetryPublisher:
             return 0  # keep accumulating until there is a bus
         now = time.time()
         covered, self._last_cut = now - self._last_cut, now
-        if not r.current:
+        tcp = r.tcp.take()
+        if not r.current and not tcp:
             return 0
         pairs = r.take()
+        for key, t in tcp.items():  # TCP rows ride in the same pairs (docs/telemetry.md)
+            agg = pairs.get(key)
+            if agg is None:
+                agg = pairs[key] = PairAgg()
+            agg.tcp = t
         items = list(pairs.items())
         sent = 0
         for start in range(0, len(items), MAX_PAIRS_PER_BATCH):
@@ -274,11 +278,8 @@ class TelemetryCollector(Collector):
         yield rx
         yield tx
 
+        yield from TcpCollector(r.tcp).collect()
         for name, text, values in (
-            ("mesh_tcp_connections_opened", "upstream TCP connections opened", r.tcp_opened),
-            ("mesh_tcp_connections_closed", "upstream TCP connections closed", r.tcp_closed),
-            ("mesh_tcp_received_bytes", "bytes received on closed TCP connections", r.tcp_rx),
-            ("mesh_tcp_sent_bytes", "bytes sent on closed TCP connections", r.tcp_tx),
             ("mesh_retries", "retries sent upstream", r.retries),
             ("mesh_outlier_ejections", "endpoints ejected by outlier detection", r.ejections),
             (

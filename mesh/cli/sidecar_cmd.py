@@ -39,6 +39,9 @@ def register(sub: Any) -> None:
     p.add_argument("--outbound-port", type=int, default=15001, help="0: pick a free port")
     p.add_argument("--inbound-port", type=int, default=15006, help="0: pick a free port")
     p.add_argument("--admin-port", type=int, default=15000, help="0: pick a free port")
+    p.add_argument("--tcp-port", action="append", default=[], metavar="NAME=PORT",
+                   help="local port of the outbound TCP listener NAME (a TCP Service), over "
+                        "the Service's port; repeatable; 0: pick a free port")
     p.add_argument("--inbound-host", default="127.0.0.1", help="address the inbound listener binds")
     p.add_argument("--ready-file", type=Path, help="also write the ready JSON line here")
     p.add_argument("--watch-interval", type=float, default=1.0,
@@ -70,11 +73,17 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')}: {value} is not a valid port")
     if args.config is None and not args.nats:
         raise ConfigError("give --config FILE, --nats URL (the control plane), or both")
+    tcp_ports: list[tuple[str, int]] = []
+    for item in args.tcp_port:
+        name, sep, port = item.partition("=")
+        if not sep or not name or not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"--tcp-port {item!r}: expected NAME=PORT, e.g. stock=16379")
+        tcp_ports.append((name, int(port)))
     opts = SidecarOptions(
         service=args.service, version=args.service_version, app_port=args.app_port,
         config=args.config, outbound_port=args.outbound_port, inbound_port=args.inbound_port,
         admin_port=args.admin_port, inbound_host=args.inbound_host,
-        watch_interval=args.watch_interval)
+        watch_interval=args.watch_interval, tcp_ports=tuple(tcp_ports))
     initial = (load_snapshot(args.config) if args.config is not None
                else Snapshot(version="0", service=args.service))
     identity = identity_config(args, f"{args.service}-{args.service_version}")

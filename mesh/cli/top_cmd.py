@@ -16,6 +16,9 @@ from mesh.messages import GraphReply
 from mesh.stats_window import WINDOWS
 
 COLUMNS = ("SRC", "DST", "RPS", "SUCCESS", "REQUESTS", "P50", "P90", "P99")
+# Opaque TCP edges (protocol "tcp") have no requests; they get their own table:
+# connections opened per second and in the window, bytes per second each way, refusals.
+TCP_COLUMNS = ("SRC", "DST", "CONN/S", "CONNS", "SENT/S", "RECEIVED/S", "DENIED")
 
 
 def register(sub: Any) -> None:
@@ -37,9 +40,35 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.1f}ms" if v < 100 else f"{v:.0f}ms"
 
 
+def _bytes(v: float) -> str:
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.1f}{unit}"
+    return f"{v:.0f}B"
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+
+
 def render(reply: GraphReply) -> str:
-    rows = [COLUMNS]
+    rows: list[tuple[str, ...]] = [COLUMNS]
+    tcp_rows: list[tuple[str, ...]] = [TCP_COLUMNS]
     for e in reply.edges:
+        if e.get("protocol") == "tcp":
+            tcp_rows.append(
+                (
+                    e["src"],
+                    e["dst"],
+                    f"{e['tcp_cps']:.1f}",
+                    str(e["tcp_connections"]),
+                    _bytes(e["tcp_sent_bps"]),
+                    _bytes(e["tcp_received_bps"]),
+                    str(e["tcp_denied"]),
+                )
+            )
+            continue
         rows.append(
             (
                 e["src"],
@@ -52,8 +81,9 @@ def render(reply: GraphReply) -> str:
                 _ms(e["p99_ms"]),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines = _table(rows)
+    if len(tcp_rows) > 1:
+        lines += ["", *_table(tcp_rows)]
     if not reply.edges:
         lines.append(f"(no traffic in the last {reply.window})")
     lines.append(

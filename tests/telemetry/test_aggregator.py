@@ -164,11 +164,16 @@ async def test_sidecar_metrics_families_follow_prometheus_conventions() -> None:
     assert sample(text, "mesh_request_duration_seconds_bucket", **pair, le="0.0032") == 101
     assert sample(text, "mesh_request_bytes_total", **pair) == 10000
     assert sample(text, "mesh_response_bytes_total", **pair) == 20000
+    tcp_pair = {"reporter": "source", **pair, "destination_version": ""}
+    for name, value in (
+        ("mesh_tcp_connections_opened_total", 1),
+        ("mesh_tcp_connections_closed_total", 1),
+        ("mesh_tcp_received_bytes_total", 10),
+        ("mesh_tcp_sent_bytes_total", 20),
+        ("mesh_tcp_connections_denied_total", 0),
+    ):
+        assert sample(text, name, **tcp_pair) == value, name
     for name in (
-        "mesh_tcp_connections_opened_total",
-        "mesh_tcp_connections_closed_total",
-        "mesh_tcp_received_bytes_total",
-        "mesh_tcp_sent_bytes_total",
         "mesh_retries_total",
         "mesh_outlier_ejections_total",
         "mesh_circuit_breaker_overflows_total",

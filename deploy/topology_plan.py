@@ -6,8 +6,12 @@ sidecar gets a static snapshot file compiled here: one cluster per called
 service, one subset per version listing the inbound listeners of that
 version's sidecars, and a default route with the topology's split, a timeout
 and retries (what a user of Istio or Linkerd gets without writing policy).
-Opaque TCP services are reached through a TCP listener on the caller's sidecar,
-straight to the service's instances.
+Opaque TCP services have sidecars too (their inbound listener splices to the app,
+after mTLS and authorization when identities are on); a caller reaches them through a
+TCP listener on its own sidecar, on a port allocated per caller instance (`tcp_ports`,
+passed as `--tcp-port NAME=PORT`, since callers share this host). With a control plane
+the listener comes from the `protocol: tcp` Service (docs/resources.md) and replaces
+the file's one of the same name.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from deploy.topology import Topology
 
 HOST = "127.0.0.1"
 INGRESS = "ingress"
+TCP_SERVICE_PORT_BASE = 16379  # the tcp Services' nominal ports (callers get --tcp-port)
 
 DEFAULT_ROUTE_POLICY: dict[str, Any] = {
     "timeout": 10.0,
@@ -41,7 +46,7 @@ class Instance:
     app_port: int
     app_argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    # Sidecar (absent for opaque TCP services and None ports mean "no sidecar").
+    # Sidecar (None ports mean "no sidecar").
     inbound_port: int | None = None
     outbound_port: int | None = None
     admin_port: int | None = None
@@ -94,12 +99,12 @@ def make_plan(
                     svc.name, version, f"{svc.name}-{version}-{n}", svc.protocol, allocate(), []
                 )
                 inst.app_argv = _expand(svc.app, inst)
+                inst.inbound_port, inst.outbound_port, inst.admin_port = (
+                    allocate(),
+                    allocate(),
+                    allocate(),
+                )
                 if svc.protocol == "http":
-                    inst.inbound_port, inst.outbound_port, inst.admin_port = (
-                        allocate(),
-                        allocate(),
-                        allocate(),
-                    )
                     inst.env["MESH_OUTBOUND"] = f"{HOST}:{inst.outbound_port}"
                     for callee in svc.calls:
                         if topology.service(callee).protocol == "tcp":
@@ -125,8 +130,7 @@ def make_plan(
         )
     plan = Plan(topology, instances)
     for inst in instances:
-        if inst.protocol == "http":
-            inst.snapshot = sidecar_snapshot(plan, inst)
+        inst.snapshot = sidecar_snapshot(plan, inst)
     return plan
 
 
@@ -146,8 +150,9 @@ def sidecar_snapshot(plan: Plan, inst: Instance) -> dict[str, Any]:
         spec = topo.service(callee)
         targets = plan.by_service(callee)
         if spec.protocol == "tcp":
+            # To the callee's sidecars (not its apps): they terminate mTLS and authorize.
             clusters.append(
-                {"name": callee, "subsets": {"all": [f"{HOST}:{t.app_port}" for t in targets]}}
+                {"name": callee, "subsets": {"all": [f"{HOST}:{t.inbound_port}" for t in targets]}}
             )
             tcp.append(
                 {"name": callee, "port": inst.tcp_ports[callee], "cluster": callee, "subset": "all"}
@@ -165,22 +170,41 @@ def sidecar_snapshot(plan: Plan, inst: Instance) -> dict[str, Any]:
                 "routes": [{"name": "default", "split": dict(spec.split), **DEFAULT_ROUTE_POLICY}],
             }
         )
-    return {
+    snapshot: dict[str, Any] = {
         "version": f"topology-{topo.name}-1",
         "service": inst.service,
         "services": services,
         "clusters": clusters,
         "tcp": tcp,
     }
+    if inst.protocol == "tcp":
+        snapshot["inbound"] = {"tcp": {}}
+    return snapshot
 
 
 def topology_resources(topology: Topology) -> list[dict[str, Any]]:
-    """The topology's HTTP services as control-plane resources (docs/resources.md): a Service,
-    a DestinationPolicy with one subset per version, and a Route with the topology's split,
-    timeout and retries. Opaque TCP services stay local to the sidecars (docs/topology.md)."""
+    """The topology's services as control-plane resources (docs/resources.md): for HTTP a
+    Service, a DestinationPolicy with one subset per version, and a Route with the topology's
+    split, timeout and retries; for opaque TCP a `protocol: tcp` Service (its `port` is only a
+    default: each caller sidecar gets its own with `--tcp-port`) and a DestinationPolicy."""
     http = [s for s in topology.services if s.protocol == "http"]
-    http_names = {s.name for s in http}
     docs: list[dict[str, Any]] = []
+    for i, svc in enumerate(s for s in topology.services if s.protocol == "tcp"):
+        docs.append(
+            {
+                "kind": "Service",
+                "name": svc.name,
+                # Distinct per tcp Service (the check wants it); callers override it.
+                "spec": {"protocol": "tcp", "port": TCP_SERVICE_PORT_BASE + i},
+            }
+        )
+        docs.append(
+            {
+                "kind": "DestinationPolicy",
+                "name": svc.name,
+                "spec": {"service": svc.name, "lb": "least_request"},
+            }
+        )
     for svc in http:
         hosts = (
             [HOST, "localhost"] if topology.ingress and topology.ingress.service == svc.name else []
@@ -192,7 +216,7 @@ def topology_resources(topology: Topology) -> list[dict[str, Any]]:
                 "spec": {
                     "protocol": "http",
                     "hosts": hosts,
-                    "dependencies": [c for c in svc.calls if c in http_names],
+                    "dependencies": list(svc.calls),
                 },
             }
         )

@@ -50,6 +50,8 @@ def sidecar_argv(inst: Instance, config: Path, nats_urls: list[str]) -> list[str
         "--inbound-port", str(inst.inbound_port), "--outbound-port", str(inst.outbound_port),
         "--admin-port", str(inst.admin_port), "--instance", inst.name,
     ]  # fmt: skip
+    for name, port in sorted(inst.tcp_ports.items()):  # callers share this host's ports
+        argv += ["--tcp-port", f"{name}={port}"]
     if nats_urls:
         # Routes come from the control plane (so `mesh route weights` and `mesh apply` act
         # on the topology); telemetry and spans go to the same NATS (mesh top, dashboard).

@@ -2,7 +2,11 @@
 
 Every sidecar of a service gets the same snapshot, holding only what that service needs:
 the services it may call (its `dependencies`, or every service when none are listed) with
-their routes and clusters, and its own inbound policy (authorization). The snapshot's
+their routes and clusters, and its own inbound policy (authorization). A `protocol: tcp`
+service it may call becomes a TCP listener on 127.0.0.1:<the Service's port> whose cluster
+holds every instance in one subset, `default` (no Route: nothing to match in opaque bytes);
+a tcp service's own sidecars get `inbound.tcp`, so their inbound listener splices
+connections to the app after mTLS and authorization. The snapshot's
 `version` is a digest of its content, so the same inputs give the same version on every
 control-plane replica and after a restart, and a change that does not touch a service does
 not disturb its sidecars.
@@ -17,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mesh.errors import ConfigError
-from mesh.resources import Resource, ResourceSet, policy_for, route_for
-from mesh.snapshot import Snapshot
+from mesh.resources import Resource, ResourceSet, is_tcp, policy_for, route_for
+from mesh.snapshot import DEFAULT_TCP_IDLE_TIMEOUT, Snapshot
 
 DEFAULT_SUBSET = "default"
 
@@ -60,6 +64,7 @@ def _cluster(
     service: str,
     endpoints: Iterable[Registration],
     defaults: dict[str, Any],
+    tcp: bool = False,
 ) -> dict[str, Any]:
     dp = policy_for(resources, service)
     spec = dp.spec if dp else {}
@@ -68,7 +73,7 @@ def _cluster(
         if e.service == service and e.address:
             addresses.setdefault(e.label, []).append(e.address)
     subsets: dict[str, list[str]] = {}
-    if spec.get("subsets"):
+    if spec.get("subsets") and not tcp:
         for name, sel in spec["subsets"].items():
             subsets[name] = sorted(addresses.get(sel["version"], []))
     else:
@@ -163,19 +168,34 @@ def compile_service(
     targets = sorted(me.spec.get("dependencies", services) if me else services)
     svc_out: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
+    tcp: list[dict[str, Any]] = []
     for name in targets:
-        cluster = _cluster(resources, name, endpoints, defaults)
+        target = services[name]
+        if is_tcp(target) and name == service:
+            continue  # its own sidecars serve it (inbound.tcp); a listener would call itself
+        cluster = _cluster(resources, name, endpoints, defaults, tcp=is_tcp(target))
         clusters.append(cluster)
-        hosts = [name, *services[name].spec.get("hosts", [])]
+        if is_tcp(target):
+            tcp.append({
+                "name": name, "port": target.spec["port"], "cluster": name,
+                "subset": DEFAULT_SUBSET,
+                "idle_timeout": target.spec.get("idle_timeout", DEFAULT_TCP_IDLE_TIMEOUT),
+            })  # fmt: skip
+            continue
+        hosts = [name, *target.spec.get("hosts", [])]
         svc_out.append(
             {"name": name, "hosts": hosts, "routes": _routes(resources, name, cluster, defaults)}
         )
+    inbound = _inbound(resources, service, defaults)
+    if me is not None and is_tcp(me):
+        inbound["tcp"] = {"idle_timeout": me.spec.get("idle_timeout", DEFAULT_TCP_IDLE_TIMEOUT)}
     raw = {
         "version": "0",
         "service": service,
-        "inbound": _inbound(resources, service, defaults),
+        "inbound": inbound,
         "services": svc_out,
         "clusters": clusters,
+        "tcp": tcp,
     }
     try:
         checked = Snapshot.from_dict(raw).to_dict()

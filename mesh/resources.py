@@ -310,8 +310,11 @@ _RULE = _obj(
 SPECS: dict[str, Check] = {
     "Service": _obj(
         {
-            "protocol": _enum("http"),
+            "protocol": _enum("http", "tcp"),
+            # http: informational; tcp: the local port of the callers' TCP listener
             "port": _int(1, 65535),
+            # tcp only: seconds without a byte either way before both sides are closed
+            "idle_timeout": _num(0.001, 7 * 86400),
             "hosts": _list(_str),
             "dependencies": _list(_name),
         }
@@ -484,6 +487,11 @@ def subsets_of(resources: ResourceSet, service: str) -> dict[str, str] | None:
     return {k: v["version"] for k, v in dp.spec.get("subsets", {}).items()}
 
 
+def is_tcp(service: Resource) -> bool:
+    """A `protocol: tcp` Service: opaque TCP, compiled into TCP listeners (mesh/compile.py)."""
+    return bool(service.spec.get("protocol") == "tcp")
+
+
 def policy_for(resources: ResourceSet, service: str) -> Resource | None:
     for r in resources.values():
         if r.kind == "DestinationPolicy" and r.spec["service"] == service:
@@ -513,6 +521,10 @@ def validate_set(resources: ResourceSet) -> None:
             return False
         return True
 
+    tcp_services = {
+        r.name for r in resources.values() if r.kind == "Service" and is_tcp(r)
+    }
+    tcp_ports: dict[int, str] = {}
     owners: dict[tuple[str, str], str] = {}
     hosts: dict[str, str] = {}
     for r in sorted(resources.values(), key=lambda r: r.key):
@@ -527,6 +539,23 @@ def validate_set(resources: ResourceSet) -> None:
                     )
             for i, dep in enumerate(spec.get("dependencies", [])):
                 need_service(r, f"spec.dependencies[{i}]", dep)
+            if is_tcp(r):
+                if "port" not in spec:
+                    errors.append(
+                        f"{where(r)}: spec.port: required with protocol: tcp (the local port "
+                        "of the callers' TCP listener)"
+                    )
+                elif (other := tcp_ports.setdefault(spec["port"], r.name)) != r.name:
+                    errors.append(
+                        f"{where(r)}: spec.port: {spec['port']} is already the port of "
+                        f"tcp Service/{other}"
+                    )
+                if spec.get("hosts"):
+                    errors.append(
+                        f"{where(r)}: spec.hosts: a tcp Service has no Host header to match"
+                    )
+            elif "idle_timeout" in spec:
+                errors.append(f"{where(r)}: spec.idle_timeout: only with protocol: tcp")
             continue
         if r.kind == "MeshConfig":
             continue
@@ -542,6 +571,11 @@ def validate_set(resources: ResourceSet) -> None:
         if r.kind == "DestinationPolicy":
             if spec.get("lb") == "hash" and "hash_header" not in spec:
                 errors.append(f"{where(r)}: spec.hash_header: required with lb: hash")
+        elif r.kind == "Route" and spec["service"] in tcp_services:
+            errors.append(
+                f"{where(r)}: spec.service: Service {spec['service']!r} is protocol: tcp; "
+                "Routes match HTTP requests (a tcp Service's callers reach all its instances)"
+            )
         elif r.kind == "Route":
             subsets = subsets_of(resources, spec["service"])
             for i, rule in enumerate(spec["rules"]):

@@ -61,10 +61,15 @@ def test_demo_plan_gives_every_sidecar_a_valid_snapshot() -> None:
     counter = iter(range(30000, 31000))
     plan = make_plan(load_topology(demo_topology_path()), lambda: next(counter))
     snaps = {i.name: Snapshot.from_dict(i.snapshot) for i in plan.instances if i.snapshot}
-    assert set(snaps) == {"frontend-v1-1", "catalog-v1-1", "catalog-v2-1", "ratings-v1-1", "ingress"}
+    assert set(snaps) == {"frontend-v1-1", "catalog-v1-1", "catalog-v2-1", "ratings-v1-1", "stock-v1-1", "ingress"}
     catalog = snaps["frontend-v1-1"].clusters[0]
     assert catalog.name == "catalog" and {name for name, _ in catalog.subsets} == {"v1", "v2"}
     assert [t.name for t in snaps["catalog-v2-1"].tcp] == ["stock"]
+    # stock has a sidecar whose inbound is opaque TCP; callers reach it, not the app.
+    stock = next(i for i in plan.instances if i.name == "stock-v1-1")
+    assert snaps["stock-v1-1"].inbound.tcp is not None
+    stock_cluster = snaps["catalog-v2-1"].cluster("stock")
+    assert stock_cluster is not None and [e.port for e in stock_cluster.subsets[0][1]] == [stock.inbound_port]
 
 
 async def test_demo_serves_through_the_mesh_and_stops_cleanly(tmp_path: Path) -> None:
@@ -95,9 +100,11 @@ async def test_demo_serves_through_the_mesh_and_stops_cleanly(tmp_path: Path) ->
         # The sidecars' telemetry reaches the aggregator: every HTTP edge of the demo shows up.
         nats = info["nats"][0]  # type: ignore[index]
         edges: dict[tuple[str, str], int] = {}
+        tcp_edges: dict[tuple[str, str], dict[str, Any]] = {}
         def complete(e: dict[tuple[str, str], int]) -> bool:  # batches arrive once a second
             wanted = (("ingress", "frontend"), ("frontend", "catalog"))
-            return all(e.get(k, 0) >= 200 for k in wanted) and e.get(("catalog", "ratings"), 0) >= 1
+            return (all(e.get(k, 0) >= 200 for k in wanted) and e.get(("catalog", "ratings"), 0) >= 1
+                    and ("catalog", "stock") in tcp_edges)
 
         with trio.fail_after(30):
             while not complete(edges):
@@ -105,8 +112,14 @@ async def test_demo_serves_through_the_mesh_and_stops_cleanly(tmp_path: Path) ->
                     [*MESH, "top", "--once", "--json", "--nats", nats], capture_stdout=True, check=False
                 )
                 if top.returncode == 0:
-                    edges = {(e["src"], e["dst"]): e["requests"] for e in json.loads(top.stdout)["edges"]}
+                    graph = json.loads(top.stdout)["edges"]
+                    edges = {(e["src"], e["dst"]): e["requests"] for e in graph}
+                    tcp_edges = {(e["src"], e["dst"]): e for e in graph if e["protocol"] == "tcp"}
                 await trio.sleep(0.5)
+        # The opaque TCP edge, through catalog's and stock's sidecars, with real traffic.
+        stock_edge = tcp_edges[("catalog", "stock")]
+        assert stock_edge["tcp_connections"] >= 1
+        assert stock_edge["tcp_sent_bps"] > 0 and stock_edge["tcp_received_bps"] > 0
         assert edges[("ingress", "frontend")] == 200
         assert edges[("frontend", "catalog")] == 200
         assert edges[("catalog", "ratings")] >= 1
@@ -121,8 +134,11 @@ async def test_demo_serves_through_the_mesh_and_stops_cleanly(tmp_path: Path) ->
         for _ in range(20):
             versions.add(body_of(await get(ingress, "frontend", "/"))["catalog"]["version"])
         assert versions == {"v2"}
-        # ...and v2 still reaches the opaque TCP stock service under control-plane snapshots.
+        # ...and v2 still reaches the opaque TCP stock service under control-plane snapshots,
+        # whose TCP listener is compiled from the `protocol: tcp` Service (subset "default").
         assert body_of(await get(v2["inbound"], "catalog", "/items"))["items"][0]["stock"] == 21
+        dump = json.loads((await get(v2["admin"], "admin", "/config_dump")).split(b"\r\n\r\n", 1)[1])
+        assert [(t["name"], t["subset"]) for t in dump["snapshot"]["tcp"]] == [("stock", "default")]
 
         ports = [p for inst in topo["instances"].values() for p in (inst["app"], inst["inbound"]) if p]
         proc.send_signal(signal.SIGTERM)

@@ -233,6 +233,8 @@ class Limits:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     stream_timeout: float = 300.0
+    # HTTP upgrade tunnels (101): closed after this long without a byte either way.
+    tunnel_idle_timeout: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -611,7 +613,7 @@ def _parse_snapshot(root: _Node) -> Snapshot:
     lim = root.get("limits")
     if lim is not None:
         lim.check_keys(("max_header_bytes", "max_body_bytes", "header_timeout", "idle_timeout",
-                        "stream_timeout"))
+                        "stream_timeout", "tunnel_idle_timeout"))
         body = lim.get("max_body_bytes")
         limits = Limits(
             max_header_bytes=_opt_int(lim, "max_header_bytes", limits.max_header_bytes, 256,
@@ -619,7 +621,9 @@ def _parse_snapshot(root: _Node) -> Snapshot:
             max_body_bytes=None if body is None else body.int_(0, 1 << 62),
             header_timeout=_opt_num(lim, "header_timeout", limits.header_timeout, 0.001, 3600),
             idle_timeout=_opt_num(lim, "idle_timeout", limits.idle_timeout, 0.001, 86400),
-            stream_timeout=_opt_num(lim, "stream_timeout", limits.stream_timeout, 0.001, 86400))
+            stream_timeout=_opt_num(lim, "stream_timeout", limits.stream_timeout, 0.001, 86400),
+            tunnel_idle_timeout=_opt_num(lim, "tunnel_idle_timeout", limits.tunnel_idle_timeout,
+                                         0.001, 7 * 86400))
     inbound = Inbound()
     inb = root.get("inbound")
     if inb is not None:

@@ -1,0 +1,118 @@
+"""Opaque TCP through real `mesh sidecar` processes (plaintext, file snapshots): idle
+timeouts on TCP listeners and on HTTP upgrade tunnels, the inbound TCP listener, and TCP
+listeners following a reloaded snapshot without a restart."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sidecar_helpers import Procs, snapshot
+
+ECHO = Path(__file__).parent / "tcp_echo_app.py"
+
+
+def echo_app(procs: Procs) -> int:
+    _, info = procs.spawn([sys.executable, str(ECHO)])
+    return int(info["port"])
+
+
+def round_trip(s: socket.socket, data: bytes) -> bytes:
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def closed_by_peer(s: socket.socket, within: float = 10.0) -> bool:
+    """True once the peer closes (EOF or reset); False if still open after `within` s
+    (a bound on the wait, not a timing assertion)."""
+    s.settimeout(within)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def tcp_to(port: int, name: str = "echo", **extra: Any) -> dict[str, Any]:
+    return snapshot(clusters=[{"name": name, "subsets": {"v1": [f"127.0.0.1:{port}"]}}],
+                    tcp=[{"name": name, "port": 0, "cluster": name, "subset": "v1", **extra}])
+
+
+def test_tcp_listener_and_inbound_close_idle_connections(procs: Procs) -> None:
+    app = echo_app(procs)
+    # The destination: an opaque TCP inbound with a short idle timeout.
+    dest = procs.sidecar("stock", "v1", app, snapshot(inbound={"tcp": {"idle_timeout": 0.3}}))
+    with socket.create_connection(("127.0.0.1", dest.inbound), timeout=5) as s:
+        assert round_trip(s, b"hello") == b"hello"
+        assert closed_by_peer(s)
+    # A caller whose listener allows 0.3 s of silence, through the destination's inbound.
+    caller = procs.sidecar("catalog", "v1", 9, tcp_to(dest.inbound, "stock", idle_timeout=0.3))
+    with socket.create_connection(("127.0.0.1", caller.tcp["stock"]), timeout=5) as s:
+        for _ in range(3):
+            assert round_trip(s, b"x" * 1000) == b"x" * 1000
+        assert closed_by_peer(s)
+    # With the default (1 h) a quiet connection stays open (straight to the app here: the
+    # destination above would close it).
+    patient = procs.sidecar("catalog", "v2", 9, tcp_to(app, "stock"))
+    with socket.create_connection(("127.0.0.1", patient.tcp["stock"]), timeout=5) as s:
+        assert round_trip(s, b"hi") == b"hi"
+        assert not closed_by_peer(s, within=1.0)
+        assert round_trip(s, b"still here") == b"still here"
+
+
+def test_upgrade_tunnels_close_after_the_tunnel_idle_timeout(procs: Procs) -> None:
+    side = procs.sidecar("app", "v1", procs.app("a"),
+                         snapshot(limits={"tunnel_idle_timeout": 0.3}))
+    with socket.create_connection(("127.0.0.1", side.inbound), timeout=5) as s:
+        s.sendall(b"GET /echo-upgrade HTTP/1.1\r\nhost: a\r\nconnection: Upgrade\r\n"
+                  b"upgrade: websocket\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 101")
+        assert round_trip(s, b"frame") == b"frame"
+        assert closed_by_peer(s)
+
+
+def test_tcp_listeners_follow_a_reloaded_snapshot(procs: Procs) -> None:
+    app = echo_app(procs)
+    side = procs.sidecar("catalog", "v1", 9, tcp_to(app, "one"))
+    assert "one" in side.config_dump()["listeners"]["tcp"]
+    with socket.socket() as probe:  # a port free now, for the listener the reload adds
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    both = tcp_to(app, "one")
+    both["version"] = "2"
+    both["clusters"].append({"name": "two", "subsets": {"v1": [f"127.0.0.1:{app}"]}})
+    both["tcp"].append({"name": "two", "port": free, "cluster": "two", "subset": "v1"})
+    side.path.write_text(yaml.safe_dump(both))
+    deadline = time.monotonic() + 10
+    while "two" not in side.config_dump()["listeners"]["tcp"]:
+        assert time.monotonic() < deadline, "the reload did not add the listener"
+        time.sleep(0.05)
+    with socket.create_connection(("127.0.0.1", free), timeout=5) as s:
+        assert round_trip(s, b"new") == b"new"
+    # A snapshot without "one" closes its port; the sidecar keeps serving.
+    only_two = dict(both, version="3", tcp=[both["tcp"][1]], clusters=[both["clusters"][1]])
+    old = side.tcp["one"]
+    side.path.write_text(yaml.safe_dump(only_two))
+    while "one" in side.config_dump()["listeners"]["tcp"]:
+        assert time.monotonic() < deadline + 10, "the reload did not remove the listener"
+        time.sleep(0.05)
+    refused = False
+    try:
+        socket.create_connection(("127.0.0.1", old), timeout=5).close()
+    except ConnectionRefusedError:
+        refused = True
+    assert refused

@@ -207,7 +207,7 @@ function render(g) {
       "text-anchor": ox < -1 ? "end" : ox > 1 ? "start" : "middle"}, label(e)));
     edges.appendChild(grp);
     if (e.protocol === "tcp") {
-      rows.push("<tr class=\"tcp\"><td>" + e.src + "</td><td>" + e.dst + "</td><td colspan=\"4\">" +
+      rows.push("<tr class='tcp'><td>" + e.src + "</td><td>" + e.dst + "</td><td colspan='4'>" +
         tcpLabel(e) + "</td></tr>");
     } else {
       rows.push("<tr><td>" + e.src + "</td><td>" + e.dst + "</td><td>" + e.rps.toFixed(1) + "</td><td>" +

@@ -159,7 +159,16 @@ async def chromium(args: list[str], out: Path) -> AsyncIterator[trio.Process]:
 async def test_chromium_renders_the_graph_with_edge_labels(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    async with dashboard_with_traffic(nats_server.url) as (dash, _):
+    async with dashboard_with_traffic(nats_server.url) as (dash, recorders):
+        # An opaque TCP edge too: one connection with bytes both ways, one refused.
+        tcp = recorders["backend"].tcp
+        conn = tcp.open("source", "backend", "cache", "v1")
+        conn.sent.n += 4000
+        conn.received.n += 90000
+        tcp.deny("destination", "backend", "cache", "v1")
+        with trio.fail_after(10):
+            while not any(e["dst"] == "cache" for e in json.loads(dash.latest)["edges"]):
+                await trio.sleep(0.05)
         url = f"http://127.0.0.1:{dash.port}/"
         async with (
             chromium(
@@ -175,6 +184,7 @@ async def test_chromium_renders_the_graph_with_edge_labels(
         assert "100.0% err" not in dom
         assert "10.0% err" in dom and "0.0% err" in dom and "rps" in dom
         assert 'id="node-db"' in dom
+        assert 'id="edge-backend-cache"' in dom and "conn/s" in dom and "1 denied" in dom
 
         shot = tmp_path / "graph.png"
         if os.environ.get("MESH_KEEP_SCREENSHOT"):

@@ -141,8 +141,12 @@ class Sidecar:
             log.exception("snapshot refused (internal error), keeping version %s",
                           self._runtime.snapshot.version)
             return False
+        before = self._local_tcp
         self._remember_local_tcp(snapshot)
-        return self.apply_snapshot(snapshot) is None
+        if self.apply_snapshot(snapshot) is not None:
+            self._local_tcp = before  # refused: the running file's listeners stay the local ones
+            return False
+        return True
 
     def _remember_local_tcp(self, snapshot: Snapshot) -> None:
         """TCP listeners of the file snapshot are local to this sidecar (their ports are this

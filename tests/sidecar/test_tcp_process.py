@@ -116,3 +116,27 @@ def test_tcp_listeners_follow_a_reloaded_snapshot(procs: Procs) -> None:
     except ConnectionRefusedError:
         refused = True
     assert refused
+
+
+def test_bad_tcp_port_flags_and_busy_tcp_ports_are_clear_errors(tmp_path: Path) -> None:
+    import subprocess
+
+    from sidecar_helpers import MESH
+
+    cfg = tmp_path / "snap.yaml"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg.write_text(yaml.safe_dump(snapshot(
+            clusters=[{"name": "db", "subsets": {"v1": ["127.0.0.1:9"]}}],
+            tcp=[{"name": "db", "port": port, "cluster": "db", "subset": "v1"}])))
+        base = [*MESH, "sidecar", "--service", "a", "--app-port", "9", "--config", str(cfg),
+                "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0"]
+        for flag, message in (("db", "--tcp-port 'db': expected NAME=PORT"),
+                              ("db=99999", "--tcp-port 'db=99999': expected NAME=PORT"),
+                              (f"db={port}", f"tcp db listener: cannot bind 127.0.0.1:{port}")):
+            out = subprocess.run([*base, "--tcp-port", flag], capture_output=True, text=True,
+                                 timeout=20)
+            assert out.returncode == 1, out.stderr
+            assert message in out.stderr and "Traceback" not in out.stderr, out.stderr

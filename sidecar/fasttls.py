@@ -29,7 +29,7 @@ __all__ = ["FastTLS"]
 _RECV = 65536
 
 
-class FastTLS(trio.abc.Stream):
+class FastTLS(trio.abc.HalfCloseableStream):
     __slots__ = ("_flushed", "_flushing", "_in", "_obj", "_out", "_sock", "transport_stream")
 
     def __init__(self, stream: trio.SocketStream, context: ssl.SSLContext, *,
@@ -142,6 +142,18 @@ class FastTLS(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         try:
             self._obj.write(data)  # a memory BIO takes everything at once
+        except ssl.SSLError as exc:
+            raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
+        await self._flush()
+
+    async def send_eof(self) -> None:
+        """Half-close: send close_notify and keep reading. TLS 1.3 lets the peer go on
+        sending after it (OpenSSL reads on after unwrap), so opaque TCP over mTLS can pass a
+        client's shutdown(SHUT_WR) on, as a plain socket does (sidecar/splice.py)."""
+        try:
+            self._obj.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # the peer's close_notify comes later, or never: reading goes on
         except ssl.SSLError as exc:
             raise trio.BrokenResourceError(f"TLS error: {exc}") from exc
         await self._flush()

@@ -91,6 +91,16 @@ async def test_tcp_over_mtls_plaintext_refused_and_authz_by_identity(
     assert await echo(checkout.info["tcp"]["stock"], payload) == payload
     assert await metric(stock.admin, "mesh_sidecar_tls_connections_total",
                         'direction="inbound",kind="mtls"') >= 1
+    # A client's half-close crosses both TLS legs (close_notify) and the echo still answers.
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", checkout.info["tcp"]["stock"])
+        async with stream:
+            await stream.send_all(b"last words")
+            await stream.send_eof()
+            got = b""
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+    assert got == b"last words"
     # The destination saw the verified caller.
     src = 'reporter="destination",source_service="checkout"'
     with trio.fail_after(5):

@@ -97,3 +97,28 @@ async def test_forged_client_refused_with_flag() -> None:
     refused = pki.classify_tls_failure(failure[0])
     assert refused is not None and refused.reason == "unknown-issuer"
     await client.aclose()
+
+
+async def test_send_eof_is_a_half_close() -> None:
+    """close_notify ends one direction only: the other keeps flowing (TLS 1.3)."""
+    ca = pki.generate_root(TD)
+    server, client = await pair(pki.server_context(svid(ca, "stock"), ca.bundle),
+                                pki.client_context(svid(ca, "catalog"), ca.bundle))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            await client.do_handshake()
+        await client.send_all(b"request")
+        await client.send_eof()
+        got = b""
+        while chunk := await server.receive_some():
+            got += chunk
+        assert got == b"request"  # then EOF
+        await server.send_all(b"response after the client's EOF")
+        await server.send_eof()
+        got = b""
+        while chunk := await client.receive_some():
+            got += chunk
+        assert got == b"response after the client's EOF"
+    await client.aclose()
+    await server.aclose()

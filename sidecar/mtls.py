@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from mesh import pki
+from mesh.logthrottle import LogThrottle, held_note
 from mesh.snapshot import MTLS_MODES, Cluster, Endpoint
 from mesh.spiffe import SpiffeId, parse_spiffe_id
 from sidecar.fastio import close_now
@@ -40,6 +41,8 @@ from sidecar.runtime import Runtime
 from sidecar.stats import Stats
 
 log = logging.getLogger("mesh.sidecar.mtls")
+# Refusals are counted in metrics; the log gets a few lines per flag per window.
+_throttle = LogThrottle()
 
 __all__ = ["MTLS_MODES", "InboundGate", "TlsRefused", "UpstreamTls", "refusal_flag"]
 
@@ -109,7 +112,9 @@ class UpstreamTls:
             flag = refusal_flag(exc)
             self.stats.tls_refused[("outbound", flag)] += 1
             reason = f"mTLS to {ep} ({cluster.name}) refused [{flag}]: {_describe(exc)}"
-            log.warning("%s", reason)
+            logged, held = _throttle.allow(("outbound", flag))
+            if logged:
+                log.warning("%s%s", reason, held_note(held))
             raise TlsRefused(reason) from None
         self.stats.tls_handshakes[("outbound", "mtls")] += 1
         return stream
@@ -163,8 +168,10 @@ class InboundGate:
                 PlaintextRefused, OSError) as exc:
             flag = "plaintext" if isinstance(exc, PlaintextRefused) else refusal_flag(exc)
             self.stats.tls_refused[("inbound", flag)] += 1
-            where = _peer_address(tcp)
-            log.warning("mTLS from %s refused [%s]: %s", where, flag, _describe(exc))
+            logged, held = _throttle.allow(("inbound", flag))
+            if logged:
+                log.warning("mTLS from %s refused [%s]: %s%s", _peer_address(tcp), flag,
+                            _describe(exc), held_note(held))
             close_now(tcp)
             return
         except BaseException:

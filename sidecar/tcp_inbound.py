@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import trio
 
+from mesh.logthrottle import LogThrottle, held_note
 from mesh.snapshot import DEFAULT_TCP_IDLE_TIMEOUT
 from mesh.spiffe import SpiffeId
 from sidecar.fastio import close_now, set_nodelay
@@ -23,6 +24,8 @@ from sidecar.tcp_authz import check_tcp
 from sidecar.tcp_telemetry import TcpRecorder
 
 log = logging.getLogger("mesh.sidecar.tcp")
+# Denials are counted in telemetry; the log gets a few lines per window.
+_throttle = LogThrottle()
 
 APP_CONNECT_TIMEOUT = 1.0
 
@@ -45,7 +48,10 @@ class TcpInbound:
             reason = check_tcp(inbound.authz, peer)
             if reason is not None:
                 self.recorder.deny("destination", src, self.service, self.version)
-                log.warning("tcp inbound connection refused [DENY]: %s", reason)
+                logged, held = _throttle.allow("deny")
+                if logged:
+                    log.warning("tcp inbound connection refused [DENY]: %s%s", reason,
+                                held_note(held))
                 return
             try:
                 with trio.fail_after(APP_CONNECT_TIMEOUT):

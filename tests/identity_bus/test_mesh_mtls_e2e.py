@@ -127,6 +127,15 @@ async def test_mtls_identity_refusals_and_authz(nats_server: NatsServer, procs: 
         assert await metric(inventory.admin, "mesh_sidecar_tls_refused_total",
                             f'flag="{flag}"') == 1, flag
         assert f"[{flag}]" in inventory.stderr()
+    # A flood of plaintext connections is counted in full but logged a few lines per window,
+    # so anyone who can reach the port cannot fill the sidecar's log.
+    for _ in range(30):
+        assert (await http(inventory.inbound))[0] == 0
+    with trio.fail_after(10):
+        while await metric(inventory.admin, "mesh_sidecar_tls_refused_total",
+                           'flag="plaintext"') < 31:
+            await trio.sleep(0.05)
+    assert 1 < inventory.stderr().count("[plaintext]") <= 5, inventory.stderr()
     # A client with a valid SVID of this mesh is served directly too.
     key = pki.generate_key()
     good = pki.Svid(mesh.ca.ca.sign_csr(pki.build_csr(key, checkout_id), checkout_id), key)

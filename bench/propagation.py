@@ -43,6 +43,7 @@ from bus.client import Bus, connect  # noqa: E402
 from bus.server import NatsServer, NodeSpec  # noqa: E402
 from bus.subscription import Overflow  # noqa: E402
 from mesh.messages import ConfigAck, SnapshotPush  # noqa: E402
+from mesh.processes import terminate_all  # noqa: E402
 from mesh.resources import ResourceSet, parse_text  # noqa: E402
 from mesh.resources_store import Store  # noqa: E402
 from mesh.snapshot import Snapshot  # noqa: E402
@@ -218,16 +219,7 @@ async def spawn(
 
 
 async def stop_all(procs: list[trio.Process]) -> None:
-    for p in procs:
-        if p.returncode is None:
-            p.terminate()
-    with trio.move_on_after(10):
-        for p in procs:
-            await p.wait()
-    for p in procs:
-        if p.returncode is None:
-            p.kill()
-            await p.wait()
+    await terminate_all(procs, grace=10)
     procs.clear()
 
 

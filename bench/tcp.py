@@ -39,6 +39,7 @@ from actors.runtime import ActorContext  # noqa: E402
 from bus.client import connect  # noqa: E402
 from bus.server import NatsServer, NodeSpec  # noqa: E402
 from mesh.cli.token_cmd import create_token  # noqa: E402
+from mesh.processes import terminate_all  # noqa: E402
 from mesh.spiffe import SpiffeId  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,16 +148,7 @@ async def main(mb: int, rounds: int) -> None:
                             results[name].append(await stream_through(port, total))
                     cp.cancel_scope.cancel()
             finally:
-                for p in procs:
-                    if p.returncode is None:
-                        p.terminate()
-                with trio.move_on_after(5):
-                    for p in procs:
-                        await p.wait()
-                for p in procs:
-                    if p.returncode is None:
-                        p.kill()
-                        await p.wait()
+                await terminate_all(procs)
                 nursery.cancel_scope.cancel()
     direct = statistics.median(results["direct"])
     print(f"opaque TCP: {total / 1e6:.0f} MB echoed on one connection, median of {rounds} "

@@ -38,6 +38,23 @@ async def terminate(process: trio.Process, grace: float = 5.0) -> int:
     return code
 
 
+async def terminate_all(processes: list[trio.Process], grace: float = 5.0) -> None:
+    """SIGTERM every process at once, then SIGKILL whatever is left after `grace` seconds.
+
+    Stopping them together keeps a group's shutdown at one grace period, not one each."""
+    with trio.CancelScope(shield=True):
+        for p in processes:
+            if p.returncode is None:
+                p.terminate()
+        with trio.move_on_after(grace):
+            for p in processes:
+                await p.wait()
+        for p in processes:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago. Races are possible but rare on loopback."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

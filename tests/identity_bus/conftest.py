@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from identity_bus_helpers import Mesh, running_mesh
+from mtls_procs import Procs
 
 from bus.server import NatsServer
 
@@ -14,3 +16,13 @@ from bus.server import NatsServer
 async def mesh(nats_server: NatsServer) -> AsyncIterator[Mesh]:
     async with running_mesh(nats_server.url) as m:
         yield m
+
+
+@pytest.fixture
+async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
+    """Apps and sidecars started by a test; all stopped when it ends."""
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        await p.close()

@@ -21,6 +21,11 @@ from mesh.spiffe import SpiffeId
 from sidecar.identity import IdentityAgent
 
 TD = "test.mesh"
+
+
+def ident(sa: str) -> str:
+    """The SPIFFE ID of service account `sa` in the tests' namespace."""
+    return f"spiffe://{TD}/ns/shop/sa/{sa}"
 SECRET = b"test operator secret, 32 bytes.."
 
 

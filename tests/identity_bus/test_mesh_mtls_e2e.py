@@ -7,14 +7,13 @@ processes (tests/sidecar/app_server.py and `mesh sidecar --identity ... --token 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from identity_bus_helpers import TD, Mesh, running_mesh
+from identity_bus_helpers import TD, Mesh, ident, running_mesh
 from mtls_procs import Proc, Procs, admin_get, http, metric
 
 from bus import subjects
@@ -22,19 +21,6 @@ from bus.server import NatsServer
 from mesh import pki, pki_ca
 from mesh.messages import CaCommand, CaCommandReply
 from mesh.spiffe import SpiffeId
-
-
-def ident(sa: str) -> str:
-    return f"spiffe://{TD}/ns/shop/sa/{sa}"
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 async def start_sidecar(mesh: Mesh, procs: Procs, nats: str, service: str, app_port: int,

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import ssl
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
-from identity_bus_helpers import TD, Mesh
+from identity_bus_helpers import TD, Mesh, ident
 from mtls_procs import Proc, Procs, metric
 
 from bus.server import NatsServer
@@ -20,19 +18,6 @@ from mesh import pki
 from mesh.spiffe import SpiffeId
 
 ECHO = Path(__file__).parent.parent / "sidecar" / "tcp_echo_app.py"
-
-
-def ident(sa: str) -> str:
-    return f"spiffe://{TD}/ns/shop/sa/{sa}"
-
-
-@pytest.fixture
-async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
-    p = Procs(tmp_path)
-    try:
-        yield p
-    finally:
-        await p.close()
 
 
 async def sidecar(mesh: Mesh, procs: Procs, nats: str, service: str, app_port: int,

@@ -66,6 +66,8 @@ class KV:
                 f"{self.name}/{key}: {what} lost a race (the key changed since it was read)"
             )
         if isinstance(exc, nats.errors.TimeoutError):
+            if self.bus.was_denied("publish", "$JS.API.") or self.bus.was_denied("publish", "$KV."):
+                return self.bus.permission_error(f"{what} in key-value bucket {self.name}")
             return BusTimeout(f"key-value {what} in bucket {self.name} timed out")
         return KVError(
             f"key-value {what} in bucket {self.name} failed: {type(exc).__name__}: {exc}"
@@ -190,6 +192,8 @@ async def open_kv(
         except nats.js.errors.APIError as exc:
             raise KVError(f"cannot create key-value bucket {name}: {exc}") from None
     except nats.errors.TimeoutError:
+        if bus.was_denied("publish", "$JS.API."):
+            raise bus.permission_error(f"use key-value bucket {name} (JetStream)") from None
         raise BusTimeout(
             f"JetStream did not answer binding bucket {name}; is JetStream enabled?"
         ) from None

@@ -109,7 +109,7 @@ class CaActor:
     ) -> None:
         config = self._config
         bus = ctx.bus
-        kv_ca = await open_kv(bus, subjects.KV_CA, replicas=config.kv_replicas)
+        kv_ca = await open_kv(bus, subjects.KV_CA, replicas=config.kv_replicas, direct=True)
         kv_tokens = await open_kv(bus, subjects.KV_TOKENS, replicas=config.kv_replicas)
         leases = await open_leases(bus, replicas=config.kv_replicas)
         lease = Lease(leases, LEASE_NAME, ctx.replica, ttl=config.lease_ttl)

@@ -8,7 +8,7 @@ JWTs to operate, and nats-py needs no extra package. Each user has one *role*:
   (KV buckets), and replies to requests they receive (``allow_responses``).
 * ``sidecar``: publishes its telemetry, spans, access logs, config ACKs and heartbeats and its
   CSR requests; receives config pushes, bundle announcements and ``mesh certs`` queries.
-  No JetStream at all (sidecars read no KV), so no KV writes; no CA commands; cannot
+  Of JetStream only a read of the one key ``mesh_ca/bundle`` (no KV writes, no other reads); no CA commands; cannot
   subscribe to ``mesh.ca.sign`` (join tokens in flight) nor to any inbox but its own.
 * ``admin``: the CLI (apply, rollback, token, ca rotate, certs, top...). JetStream and
   ``mesh.>``, but it cannot publish bundle announcements or config pushes (only the control
@@ -101,6 +101,10 @@ def permissions_for(role: str, user: str) -> Permissions:
                 subjects.TELEMETRY_ALL,
                 subjects.SPANS_ALL,
                 subjects.ACCESSLOG_ALL,
+                # Read-only, one key: the trust domain of `mesh sidecar --namespace` comes
+                # from the stored bundle (a direct get names the key in its subject).
+                f"$JS.API.STREAM.INFO.KV_{subjects.KV_CA}",
+                f"$JS.API.DIRECT.GET.KV_{subjects.KV_CA}.$KV.{subjects.KV_CA}.bundle",
             ),
             subscribe=(
                 subjects.CA_BUNDLE,
@@ -249,3 +253,16 @@ def authorization_config(users: Iterable[Credentials]) -> str:
         )
     lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"
+
+
+def mesh_users(sidecars: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """The users a mesh-managed NATS gets: one per role, plus one sidecar user per named
+    sidecar (its own inbox subtree, so sidecars cannot read each other's replies)."""
+    users = [("controlplane", "controlplane"), ("admin", "admin"), ("sidecar", "sidecar")]
+    return users + [(f"sidecar-{subjects.token(name)}", "sidecar") for name in sidecars]
+
+
+def child_env(creds: Credentials) -> dict[str, str]:
+    """Environment that hands ``creds`` to a child process: the path only."""
+    assert creds.path is not None, "generated credentials always have a file"
+    return {CREDS_ENV: str(creds.path.resolve())}

@@ -172,8 +172,13 @@ async def open_kv(
     history: int = 1,
     ttl: float | None = None,
     create: bool = True,
+    direct: bool = False,
 ) -> KV:
-    """Bind to a bucket, creating it with this config if it does not exist."""
+    """Bind to a bucket, creating it with this config if it does not exist.
+
+    ``direct``: gets are served as ``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>``, with
+    the key in the subject, so NATS permissions can allow reading one key and nothing else
+    (bus/auth.py: sidecars read only ``mesh_ca/bundle``). Only applies when creating."""
     js = bus.jetstream
     try:
         handle = await aio_as_trio(js.key_value)(name)
@@ -186,6 +191,7 @@ async def open_kv(
             ttl=ttl,
             replicas=replicas,
             storage=StorageType.FILE,
+            direct=direct or None,
         )
         try:
             handle = await aio_as_trio(js.create_key_value)(config)

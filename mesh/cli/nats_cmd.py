@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import secrets
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from bus.auth import authorization_config, ensure_credentials, mesh_users
 from bus.server import NatsCluster, NatsServer, NodeSpec
 from mesh.cli.common import print_ready, run_trio
 from mesh.signals import cancel_on_signals
@@ -36,12 +38,21 @@ def register(sub: Any) -> None:
 
 
 def cmd_nats(args: argparse.Namespace) -> int:
+    # Security by default, as `mesh up`: users per role, their files next to the data
+    # (<state-dir>/../nats-creds, so `.mesh/nats-creds/admin.json` for the CLI by default).
+    creds_dir = args.state_dir.parent
+    creds = ensure_credentials(creds_dir, mesh_users())
+    auth = authorization_config(creds.values())
+    route_auth = ("route", secrets.token_urlsafe(24))  # new each run: only these nodes
+
     async def main() -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(cancel_on_signals, nursery.cancel_scope)
             if args.cluster > 1:
                 cluster: NatsCluster = await nursery.start(
-                    NatsCluster(args.cluster, args.state_dir).run
+                    NatsCluster(
+                        args.cluster, args.state_dir, authorization=auth, route_auth=route_auth
+                    ).run
                 )
                 urls = cluster.urls
                 for node in cluster.nodes:
@@ -49,15 +60,22 @@ def cmd_nats(args: argparse.Namespace) -> int:
                         f"{node.spec.name}: {node.url}  monitor http://{node.spec.host}:{node.spec.http_port}  log {node.log_path}"
                     )
             else:
-                node = NatsServer(NodeSpec("mesh-dev", args.state_dir, port=args.port))
+                node = NatsServer(
+                    NodeSpec("mesh-dev", args.state_dir, port=args.port, authorization=auth)
+                )
                 await nursery.start(node.run)
                 urls = [node.url]
                 print(
                     f"{node.spec.name}: {node.url}  monitor http://{node.spec.host}:{node.spec.http_port}  log {node.log_path}"
                 )
-            print(f"connect with: --nats {','.join(urls)}   (Ctrl-C stops)", flush=True)
+            folder = creds_dir / "nats-creds"
+            print(
+                f"connect with: --nats {','.join(urls)} --creds {folder}/<role>.json  "
+                "(roles: admin for the CLI, controlplane, sidecar; Ctrl-C stops)",
+                flush=True,
+            )
             if args.ready_line:
-                print_ready(component="nats", urls=urls)
+                print_ready(component="nats", urls=urls, creds=str(folder.resolve()))
         return 0
 
     return run_trio(main)

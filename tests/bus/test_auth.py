@@ -11,7 +11,13 @@ import pytest
 import trio
 
 from bus import subjects
-from bus.auth import Credentials, CredentialsError, authorization_config, ensure_credentials, load_credentials
+from bus.auth import (
+    Credentials,
+    CredentialsError,
+    authorization_config,
+    ensure_credentials,
+    load_credentials,
+)
 from bus.client import connect
 from bus.errors import BusConnectError, BusPermissionError, KVError
 from bus.kv import INITIAL_DONE, KVEntry, open_kv
@@ -63,13 +69,13 @@ def test_bad_credential_files_are_named(tmp_path: Path) -> None:
 async def test_anonymous_and_wrong_password_are_refused_clearly(
     secured: tuple[NatsServer, dict[str, Credentials]], tmp_path: Path
 ) -> None:
-    server, creds = secured
+    server, _ = secured
     with pytest.raises(BusConnectError, match="requires credentials: pass --creds"):
         async with connect(server.url, connect_timeout=3.0):
             pass
     wrong = tmp_path / "wrong.json"
     wrong.write_text('{"user": "admin", "password": "not-the-password"}')
-    with pytest.raises(BusConnectError, match="refused user 'admin'.*wrong or outdated") as info:
+    with pytest.raises(BusConnectError, match=r"refused user 'admin'.*wrong or outdated") as info:
         async with connect(server.url, creds_file=str(wrong), connect_timeout=3.0):
             pass
     assert "not-the-password" not in str(info.value)
@@ -99,10 +105,10 @@ async def test_sidecar_cannot_touch_kv_ca_commands_or_sign_subject(
 ) -> None:
     server, creds = secured
     async with connect(server.url, creds_file=path(creds, "sidecar"), connect_timeout=3.0) as sc:
-        with pytest.raises((KVError, BusPermissionError), match="not allowed|Permissions"):
+        with pytest.raises((KVError, BusPermissionError), match=r"not allowed|Permissions"):
             kv = await open_kv(sc, subjects.KV_CONFIG, create=True)
             await kv.put(subjects.CONFIG_KEY, b"evil")
-        with pytest.raises(BusPermissionError, match="publish to mesh.ca.command"):
+        with pytest.raises(BusPermissionError, match=r"publish to mesh\.ca\.command"):
             await sc.request_raw(subjects.CA_COMMAND, b"rotate", timeout=1.0)
         for subject in (subjects.CA_SIGN, subjects.CA_COMMAND, "_INBOX.>", "_INBOX.sidecar-b.>",
                         "mesh.config.full", ">"):  # fmt: skip
@@ -165,3 +171,24 @@ async def test_admin_cannot_announce_bundles_or_read_join_tokens(
                 pass
         with pytest.raises(BusPermissionError):
             await admin.request_raw(subjects.CA_BUNDLE, b"x", timeout=1.0)
+
+
+async def test_sidecar_reads_the_stored_bundle_and_nothing_else(
+    secured: tuple[NatsServer, dict[str, Credentials]],
+) -> None:
+    server, creds = secured
+    async with connect(server.url, creds_file=path(creds, "admin")) as admin:
+        kv = await open_kv(admin, subjects.KV_CA, direct=True)
+        await kv.put("bundle", b"public roots")
+        await kv.put("ca", b"sealed key")
+    async with connect(server.url, creds_file=path(creds, "sidecar")) as sc:
+        kv = await open_kv(sc, subjects.KV_CA, create=False)
+        entry = await kv.get("bundle")
+        assert entry is not None and entry.value == b"public roots"
+        with pytest.raises(BusPermissionError, match="not allowed"):
+            await kv.get("ca")
+        with pytest.raises(BusPermissionError, match="not allowed"):
+            await kv.put("bundle", b"forged roots")
+    async with connect(server.url, creds_file=path(creds, "admin")) as admin:
+        entry = await (await open_kv(admin, subjects.KV_CA)).get("bundle")
+        assert entry is not None and entry.value == b"public roots"

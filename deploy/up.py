@@ -90,6 +90,8 @@ class Running:
     nats: NatsServer | None
     replicas: list[ChildProcess]
     topology: RunningTopology | None = None
+    admin_creds: Path | None = None  # the CLI's credentials for the embedded NATS
+
 
     def describe(self) -> str:
         lines = ["trio-mesh is up"]
@@ -100,6 +102,11 @@ class Running:
             )
         else:
             lines.append(f"  nats          {', '.join(self.nats_urls)}  (existing cluster)")
+        if self.admin_creds:
+            lines.append(
+                f"  credentials   {self.admin_creds.parent}/  (NATS users per role, mode 0600; "
+                "the CLI uses admin.json from here by default)"
+            )
         for child in self.replicas:
             lines.append(f"  controlplane  {child.name}  pid {child.pid}")
         dash = os.environ.get("MESH_DASHBOARD_PORT", str(DEFAULT_DASHBOARD_PORT))
@@ -158,12 +165,14 @@ async def run_up(
                     nats = await outer.start(NatsServer(spec).run)
                     urls = [nats.url]
                     cp_env = child_env(creds["controlplane"])
+                    admin_creds = creds["admin"].path
 
                     def env_for(who: str) -> dict[str, str]:
                         user = "admin" if who == "admin" else f"sidecar-{who}"
                         return child_env(creds[user])
                 else:
                     cp_env = _joined_env(config)
+                    admin_creds = None
 
                     def env_for(who: str) -> dict[str, str]:
                         return cp_env
@@ -177,7 +186,7 @@ async def run_up(
                             name, controlplane_argv(urls, name, verbosity), env=env
                         )
                         replicas.append(await cp.start(child.run))
-                    running = Running(urls, nats, replicas)
+                    running = Running(urls, nats, replicas, admin_creds=admin_creds)
                     async with trio.open_nursery() as apps:
                         if plan is not None:
                             running.topology = await apps.start(

@@ -84,6 +84,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     nats=running.nats_urls,
                     replicas={r.name: r.pid for r in running.replicas},
                     topology=_topology_info(running),
+                    creds=str(running.admin_creds.resolve()) if running.admin_creds else None,
                 )
         return 0
 

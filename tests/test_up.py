@@ -184,7 +184,7 @@ async def test_nats_cluster_command_and_up_joining_it(
         up = await trio.lowlevel.open_process(
             [*MESH, "up", "--nats", ",".join(urls), "--replicas", "2", "--ready-line",
              "--creds", str(tmp_path / "nats-creds" / "controlplane.json"),
-             "--state-dir", str(tmp_path / "up")],  # fmt: skip
+             "--state-dir", str(tmp_path / "up")],
             stdout=subprocess.PIPE,
         )
         info = await read_ready_line(up)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,44 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--ready-line", action="store_true", help="print one JSON line on stdout when ready"
     )
+    p.add_argument(
+        "--write-auth",
+        type=Path,
+        metavar="DIR",
+        help="do not run NATS: write the mesh's NATS users for real hosts into DIR "
+        "(nats-creds/<user>.json and nats-auth.conf, mode 0600; `include` the latter in "
+        "nats.conf) and exit; existing files are kept",
+    )
+    p.add_argument(
+        "--sidecar",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --write-auth: also a user sidecar-NAME for one sidecar (repeatable)",
+    )
     p.set_defaults(func=cmd_nats)
 
 
+def write_auth(folder: Path, sidecars: list[str]) -> Path:
+    """Credentials + the `authorization` block for an operator's own nats.conf."""
+    creds = ensure_credentials(folder, mesh_users(sidecars))
+    conf = folder / "nats-auth.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# trio-mesh NATS users (bus/auth.py); secret: keep mode 0600\n")
+        f.write(authorization_config(creds.values()))
+    return conf
+
+
 def cmd_nats(args: argparse.Namespace) -> int:
+    if args.write_auth:
+        conf = write_auth(args.write_auth, args.sidecar)
+        print(
+            f"wrote {conf} (include it in nats.conf) and {conf.parent / 'nats-creds'}/ "
+            "(give each host only its role's file)"
+        )
+        return 0
     # Security by default, as `mesh up`: users per role, their files next to the data
     # (<state-dir>/../nats-creds, so `.mesh/nats-creds/admin.json` for the CLI by default).
     creds_dir = args.state_dir.parent

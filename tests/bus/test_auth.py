@@ -142,7 +142,9 @@ async def test_sidecar_does_its_job_and_gets_only_its_own_replies(
         async def respond() -> None:
             async for d in full:
                 assert d.reply.startswith("_INBOX.sidecar.")
-                cp.reply(d, Pong(replica="cp", version="test", uptime_s=0.0))  # allowed through allow_responses only
+                cp.reply(
+                    d, Pong(replica="cp", version="test", uptime_s=0.0)
+                )  # allowed through allow_responses only
 
         nursery.start_soon(respond)
         reply = await sc.request(subjects.CONFIG_FULL, Ping(), Pong)
@@ -192,3 +194,35 @@ async def test_sidecar_reads_the_stored_bundle_and_nothing_else(
     async with connect(server.url, creds_file=path(creds, "admin")) as admin:
         entry = await (await open_kv(admin, subjects.KV_CA)).get("bundle")
         assert entry is not None and entry.value == b"public roots"
+
+
+async def test_write_auth_for_real_hosts_is_included_by_nats_conf(tmp_path: Path) -> None:
+    import sys
+
+    # nats-server resolves `include` relative to the including file: the file goes next to
+    # nats.conf, as in /etc/trio-mesh on a real host.
+    folder = tmp_path / "nats"
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [sys.executable, "-m", "mesh", "nats", "--write-auth", str(folder),
+             "--sidecar", "reviews-v2"],
+            capture_stdout=True, capture_stderr=True,
+        )  # fmt: skip
+    assert b"nats-auth.conf" in done.stdout
+    for p in (folder / "nats-auth.conf", *(folder / "nats-creds").iterdir()):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+        secret = load_credentials(p).password if p.suffix == ".json" else ""
+        assert not secret or secret.encode() not in done.stdout + done.stderr
+    # The operator's nats.conf includes the file; the role files work against it.
+    spec = NodeSpec("host-a", tmp_path / "nats", authorization="include nats-auth.conf")
+    async with trio.open_nursery() as nursery:
+        server: NatsServer = await nursery.start(NatsServer(spec).run)
+        sidecar_file = str(folder / "nats-creds" / "sidecar-reviews-v2.json")
+        async with connect(server.url, creds_file=sidecar_file) as sc:
+            assert sc.credentials is not None and sc.credentials.inbox_prefix == (
+                "_INBOX.sidecar-reviews-v2"
+            )
+        with pytest.raises(BusConnectError, match="requires credentials"):
+            async with connect(server.url, connect_timeout=3.0):
+                pass
+        nursery.cancel_scope.cancel()

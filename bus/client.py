@@ -138,6 +138,7 @@ class Bus:
         self._auth_failed = False
         # Permission violations the server reported (subject text), newest last, bounded.
         self.denied: list[str] = []
+        self.denied_count = 0  # ever reported; `denied` keeps the last 64
 
     # -- connection -------------------------------------------------------
 
@@ -170,6 +171,7 @@ class Bus:
             # The server refused one publish or subscription and keeps the connection open.
             self.stats.drops["permission"] += 1
             self.denied = [*self.denied[-63:], str(exc)]
+            self.denied_count += 1
             log.warning("NATS refused (%s): %s", self._auth_source, exc)
             return
         if isinstance(exc, nats.errors.SlowConsumerError):
@@ -467,6 +469,7 @@ class Bus:
             except BaseException as exc:  # a bug in delivery must surface in trio, not in asyncio
                 report(exc)
 
+        denied_before = self.denied_count
         try:
             sub.nats_sub = await aio_as_trio(self._nc.subscribe)(
                 sub.subject, queue=queue, cb=callback
@@ -476,14 +479,13 @@ class Bus:
         try:
             # Round trip so the server has the interest before the caller says it is ready.
             # A refused subscription is reported before the PONG, so it is known by now.
-            denied_before = len(self.denied)
             try:
                 await aio_as_trio(self._nc.flush)(timeout=5)
             except nats.errors.Error as exc:
                 raise BusTimeout(
                     f"NATS did not confirm the subscription to {sub.subject}: {exc}"
                 ) from None
-            if self.was_denied("subscription", sub.subject, since=max(0, denied_before - 1)):
+            if self.was_denied("subscription", sub.subject, since=denied_before):
                 raise self.permission_error(f"subscribe to {sub.subject}")
             yield
         finally:
@@ -518,12 +520,14 @@ class Bus:
         return payload
 
     def was_denied(self, what: str, subject: str, *, since: int = 0) -> bool:
-        """Did the server refuse ``what`` ("publish", "subscription") on ``subject``? A
-        subject ending in ``.`` matches every subject under it. (nats-py lowercases the
-        server's text, so the comparison is case-insensitive.)"""
+        """Did the server refuse ``what`` ("publish", "subscription") on ``subject`` (among
+        the refusals after the ``since``-th, a ``denied_count``)? A subject ending in ``.``
+        matches every subject under it. (nats-py lowercases the server's text, so the
+        comparison is case-insensitive.)"""
         subject = subject.lower()
         quoted = f'"{subject}' if subject.endswith(".") else f'"{subject}"'
-        return any(what in d.lower() and quoted in d.lower() for d in self.denied[since:])
+        recent = self.denied[len(self.denied) - min(len(self.denied), self.denied_count - since) :]
+        return any(what in d.lower() and quoted in d.lower() for d in recent)
 
     def permission_error(self, action: str) -> BusPermissionError:
         """``action``: what was refused, e.g. "publish to mesh.ca.command"."""

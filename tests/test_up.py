@@ -68,7 +68,11 @@ async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(
         assert pong["replica"] == "cp-1" and "ping" in pong["actors"]
         creds = Path(info["creds"]).parent
         assert info["creds"] == str(creds / "admin.json")
-        assert {p.name for p in creds.iterdir()} >= {"admin.json", "controlplane.json", "sidecar.json"}
+        assert {p.name for p in creds.iterdir()} >= {
+            "admin.json",
+            "controlplane.json",
+            "sidecar.json",
+        }
         # Security by default: no credentials, or the wrong role, is one clear line.
         anonymous = {k: v for k, v in os.environ.items() if k != "MESH_STATE_DIR"}
         refused = await mesh("ping", "--nats", nats, check=False, env=anonymous)
@@ -83,6 +87,15 @@ async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(
         assert "Traceback" not in err
         status = await mesh("ca", "status", "--nats", nats)  # admin, by default
         assert b"signing" in status.stdout + status.stderr
+        token = ("token", "create", "--namespace", "shop", "--service-account", "checkout")
+        assert (await mesh(*token, "--nats", nats)).stdout.startswith(b"tmj1.")
+        denied = await mesh(
+            *token, "--nats", nats, "--creds", str(creds / "sidecar.json"), check=False
+        )
+        err = denied.stderr.decode()
+        assert (
+            denied.returncode == 1 and "not allowed to use key-value bucket mesh_tokens" in err
+        ), err
 
         # A crashed replica is restarted by the supervisor and answers again.
         os.kill(cp_pid, signal.SIGKILL)
@@ -182,9 +195,19 @@ async def test_nats_cluster_command_and_up_joining_it(
         urls = (await read_ready_line(cluster))["urls"]
         assert len(urls) == 3
         up = await trio.lowlevel.open_process(
-            [*MESH, "up", "--nats", ",".join(urls), "--replicas", "2", "--ready-line",
-             "--creds", str(tmp_path / "nats-creds" / "controlplane.json"),
-             "--state-dir", str(tmp_path / "up")],
+            [
+                *MESH,
+                "up",
+                "--nats",
+                ",".join(urls),
+                "--replicas",
+                "2",
+                "--ready-line",
+                "--creds",
+                str(tmp_path / "nats-creds" / "controlplane.json"),
+                "--state-dir",
+                str(tmp_path / "up"),
+            ],
             stdout=subprocess.PIPE,
         )
         info = await read_ready_line(up)

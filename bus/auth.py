@@ -138,7 +138,8 @@ class Credentials:
 
     def describe(self) -> str:
         where = f" from {self.path}" if self.path else ""
-        return f"user {self.user!r} (role {self.role}){where}"
+        role = f" (role {self.role})" if self.role else ""
+        return f"user {self.user!r}{role}{where}"
 
     def connect_options(self) -> dict[str, Any]:
         """nats-py ``connect()`` keyword arguments."""

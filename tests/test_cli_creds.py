@@ -47,9 +47,11 @@ def test_precedence_flag_then_env_then_local_admin(
     assert os.environ[CREDS_ENV] == str((state / "x.json").resolve())
 
 
-def test_replicas_and_sidecars_never_default_to_admin(state: Path) -> None:
+def test_replicas_and_sidecars_default_to_their_own_role(state: Path) -> None:
     import os
 
-    for command in ("controlplane", "sidecar"):
+    for command, role in (("controlplane", "controlplane"), ("sidecar", "sidecar")):
         use_creds(args(command, "nats://127.0.0.1:4222"))
-        assert CREDS_ENV not in os.environ
+        assert os.environ.pop(CREDS_ENV) == str((state / "nats-creds" / f"{role}.json").resolve())
+    use_creds(args("sidecar", "nats://10.0.0.12:4222"))
+    assert CREDS_ENV not in os.environ

@@ -35,37 +35,52 @@ def add_creds_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--creds",
         metavar="FILE",
-        help="NATS credentials file (default: $MESH_NATS_CREDS; for a local `mesh up`, its "
-        "admin credentials in $MESH_STATE_DIR or .mesh/nats-creds/admin.json)",
+        help="NATS credentials file (default: $MESH_NATS_CREDS; with loopback URLs, the "
+        "file a local `mesh up` wrote for this command's role in $MESH_STATE_DIR or "
+        ".mesh/nats-creds/: admin.json for CLI commands)",
     )
 
 
-def default_admin_creds(nats: str) -> Path | None:
-    """The admin credentials a local `mesh up` wrote, if the URLs are all loopback: a
-    password of this machine's mesh is never offered to a server elsewhere."""
+def default_creds(nats: str, role: str = "admin") -> Path | None:
+    """The ``role`` credentials a local `mesh up` / `mesh nats` wrote, if every URL is
+    loopback: a password of this machine's mesh is never offered to a server elsewhere."""
     hosts = {urlsplit(u.strip()).hostname for u in nats.split(",") if u.strip()}
     if not hosts or not hosts <= _LOOPBACK:
         return None
     state = Path(os.environ.get("MESH_STATE_DIR") or DEFAULT_STATE_DIR)
-    path = state / "nats-creds" / "admin.json"
+    path = state / "nats-creds" / f"{role}.json"
     return path if path.is_file() else None
+
+
+def default_admin_creds(nats: str) -> Path | None:
+    return default_creds(nats, "admin")
+
+
+# Which local credentials a command uses by default: replicas and sidecars their own role
+# (so `mesh nats` + `mesh controlplane` + `mesh sidecar` work on one machine), every other
+# command admin. `mesh up` hands its children their files itself.
+_DEFAULT_ROLE = {"controlplane": "controlplane", "sidecar": "sidecar"}
 
 
 def use_creds(args: argparse.Namespace) -> None:
     """Make the credentials of this command the bus default for this process (and children
-    it starts): --creds wins, then $MESH_NATS_CREDS, then (not for control-plane replicas,
-    which `mesh up` hands their own) a local `mesh up`'s admin file. Only a path is set."""
+    it starts): --creds wins, then $MESH_NATS_CREDS, then the local mesh's file of the
+    command's role (loopback URLs only). Only a path is set, never the secret."""
     from bus.auth import CREDS_ENV
 
     creds = getattr(args, "creds", None)
     if creds:
         os.environ[CREDS_ENV] = str(Path(creds).resolve())
         return
-    if os.environ.get(CREDS_ENV) or args.command in ("controlplane", "sidecar", "up", "nats"):
+    if os.environ.get(CREDS_ENV) or args.command in ("up", "nats"):
         return
-    nats = getattr(args, "nats", None)
-    if isinstance(nats, str) and nats:
-        found = default_admin_creds(nats)
+    urls = [
+        u
+        for u in (getattr(args, k, None) for k in ("nats", "ca_nats", "telemetry_nats"))
+        if isinstance(u, str) and u
+    ]
+    if urls:
+        found = default_creds(",".join(urls), _DEFAULT_ROLE.get(args.command, "admin"))
         if found is not None:
             os.environ[CREDS_ENV] = str(found.resolve())
 

@@ -178,7 +178,8 @@ async def open_kv(
 
     ``direct``: gets are served as ``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>``, with
     the key in the subject, so NATS permissions can allow reading one key and nothing else
-    (bus/auth.py: sidecars read only ``mesh_ca/bundle``). Only applies when creating."""
+    (bus/auth.py: sidecars read only ``mesh_ca/bundle``). A bucket made before without it is
+    switched to direct gets (a stream config update; the data stays)."""
     js = bus.jetstream
     try:
         handle = await aio_as_trio(js.key_value)(name)
@@ -203,4 +204,22 @@ async def open_kv(
         raise BusTimeout(
             f"JetStream did not answer binding bucket {name}; is JetStream enabled?"
         ) from None
+    if direct and not getattr(handle, "_direct", True):
+        handle = await _enable_direct(bus, name, handle)
     return KV(bus, name, handle)
+
+
+async def _enable_direct(bus: Bus, name: str, handle: Any) -> Any:
+    """Turn on allow_direct for a bucket created before it was asked for; on failure keep
+    the handle as it is (gets still work for this user, only key-scoped permissions do not)."""
+    js = bus.jetstream
+    try:
+        info = await aio_as_trio(js.stream_info)(f"KV_{name}")
+        info.config.allow_direct = True
+        await aio_as_trio(js.update_stream)(info.config)
+        handle = await aio_as_trio(js.key_value)(name)
+    except nats.errors.Error as exc:
+        log.warning("bucket %s: could not enable direct gets: %s", name, exc)
+        return handle
+    log.info("bucket %s: direct gets enabled (sidecars may read one key of it)", name)
+    return handle

@@ -226,3 +226,16 @@ async def test_write_auth_for_real_hosts_is_included_by_nats_conf(tmp_path: Path
             async with connect(server.url, connect_timeout=3.0):
                 pass
         nursery.cancel_scope.cancel()
+
+
+async def test_a_ca_bucket_from_before_is_switched_to_direct_gets(
+    secured: tuple[NatsServer, dict[str, Credentials]],
+) -> None:
+    server, creds = secured
+    async with connect(server.url, creds_file=path(creds, "admin")) as admin:
+        old = await open_kv(admin, subjects.KV_CA)  # as an older version made it
+        await old.put("bundle", b"public roots")
+        await open_kv(admin, subjects.KV_CA, direct=True)  # what the CA actor does now
+    async with connect(server.url, creds_file=path(creds, "sidecar")) as sc:
+        entry = await (await open_kv(sc, subjects.KV_CA, create=False)).get("bundle")
+        assert entry is not None and entry.value == b"public roots"

@@ -10,8 +10,10 @@ State, all in the ``mesh_ca`` KV bucket, none of it secret in clear:
   loads the operator's files) and creates this key; every later leader -- a standby after a
   failover, or a restarted replica -- unseals it with the secret from *its own* environment.
   So a failover keeps the same root and key, and the key is never on the bus in clear.
-* ``bundle``: the current ``BundleAnnounce`` (also published on ``mesh.ca.bundle`` on every
-  change and every ``announce_interval``), for agents and tools that start later.
+* ``bundle``: the current *signed* ``BundleAnnounce`` (also published on ``mesh.ca.bundle`` on
+  every change and every ``announce_interval``), for agents and tools that start later. It is
+  signed once per change (mesh/pki_announce.py) and republished as stored, so the old root's
+  signature on a rotation's overlap bundle survives a failover.
 * ``rotation``: when a rotation is in progress, when it started and the old roots.
 
 Join tokens live in ``mesh_tokens`` (``mesh.tokens``: hashed, CAS-redeemed).
@@ -35,7 +37,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import trio
@@ -60,8 +62,11 @@ from mesh.messages import (
     CsrReply,
     CsrRequest,
     Message,
+    MessageError,
+    decode_as,
     encode,
 )
+from mesh.pki_announce import SigningKey, sign_announcement
 from mesh.pki_csr import checked_csr_key
 from mesh.pki_errors import CsrRefused
 from mesh.tokens import key_fingerprint, redeem_token
@@ -109,7 +114,7 @@ class CaActor:
     ) -> None:
         config = self._config
         bus = ctx.bus
-        kv_ca = await open_kv(bus, subjects.KV_CA, replicas=config.kv_replicas)
+        kv_ca = await open_kv(bus, subjects.KV_CA, replicas=config.kv_replicas, direct=True)
         kv_tokens = await open_kv(bus, subjects.KV_TOKENS, replicas=config.kv_replicas)
         leases = await open_leases(bus, replicas=config.kv_replicas)
         lease = Lease(leases, LEASE_NAME, ctx.replica, ttl=config.lease_ttl)
@@ -134,7 +139,7 @@ class CaActor:
                 pki.fingerprint(signing_root(self.ca))[:16],
             )
             state = _LeaderState(self, ctx, config, kv_ca, store, revision, term)
-            await state.announce(store_kv=True)
+            await state.resume_announcement()
             async with trio.open_nursery() as nursery:
                 await nursery.start(state.serve_csrs)
                 await nursery.start(state.serve_commands)
@@ -207,6 +212,7 @@ class _LeaderState:
         self.store = store
         self.revision = revision
         self._changing = trio.Lock()
+        self.current: BundleAnnounce | None = None  # the signed announcement in force
 
     @property
     def ca(self) -> pki.CertificateAuthority:
@@ -215,20 +221,73 @@ class _LeaderState:
 
     # -- bundle ---------------------------------------------------------------------------------
 
-    def bundle_message(self) -> BundleAnnounce:
+    def bundle_message(
+        self,
+        *,
+        after: float = 0.0,
+        also_signed_by: Sequence[tuple[x509.Certificate, SigningKey]] = (),
+    ) -> BundleAnnounce:
+        """The current bundle, signed by the CA's key (and ``also_signed_by``: the old root
+        during a rotation, which agents still trust). ``issued_at`` is never below ``after``,
+        the last one signed, so agents' replay check holds across replicas' clocks."""
         ca = self.ca
-        return BundleAnnounce(
+        unsigned = BundleAnnounce(
             trust_domain=ca.trust_domain,
             roots_pem=ca.bundle.pem,
             signing_ca=ca.certificate.public_bytes(Encoding.DER),
             leader=self.ctx.replica,
+            issued_at=max(self.actor._clock(), after + 0.001),
+            intermediates=[c.public_bytes(Encoding.DER) for c in ca.intermediates],
         )
+        return sign_announcement(unsigned, [*also_signed_by, (ca.certificate, ca.key)])
 
-    async def announce(self, *, store_kv: bool = False) -> None:
-        msg = self.bundle_message()
-        if store_kv:
-            await self.kv.put(KEY_BUNDLE, encode(msg))
+    async def _stored_announcement(self) -> BundleAnnounce | None:
+        entry = await self.kv.get(KEY_BUNDLE)
+        if entry is None:
+            return None
+        try:
+            return decode_as(entry.value, BundleAnnounce)
+        except MessageError as exc:  # written by an older version, or damaged: sign anew
+            log.warning("CA: stored bundle announcement unreadable (%s); signing a new one", exc)
+            return None
+
+    async def resume_announcement(self) -> None:
+        """On becoming leader: republish the stored announcement if it is of this very bundle
+        (it may carry the old root's signature of a rotation in progress, which this replica
+        cannot make), else sign and store a new one."""
+        stored = await self._stored_announcement()
+        ca = self.ca
+        if (
+            stored is not None
+            and stored.signatures
+            and stored.roots_pem == ca.bundle.pem
+            and stored.signing_ca == ca.certificate.public_bytes(Encoding.DER)
+        ):
+            self.current = stored
+            await self.bus.publish(subjects.CA_BUNDLE, stored)
+            return
+        await self.announce_new(after=stored.issued_at if stored else 0.0)
+
+    async def announce_new(
+        self,
+        *,
+        after: float | None = None,
+        also_signed_by: Sequence[tuple[x509.Certificate, SigningKey]] = (),
+    ) -> None:
+        """Sign the current bundle, store it in KV, publish it."""
+        if after is None:
+            after = self.current.issued_at if self.current else 0.0
+        msg = self.bundle_message(after=after, also_signed_by=also_signed_by)
+        await self.kv.put(KEY_BUNDLE, encode(msg))
+        self.current = msg
         await self.bus.publish(subjects.CA_BUNDLE, msg)
+
+    async def announce(self) -> None:
+        """Republish the current signed announcement (a missed message heals)."""
+        if self.current is None:
+            await self.announce_new()
+        else:
+            await self.bus.publish(subjects.CA_BUNDLE, self.current)
 
     async def announce_periodically(self) -> None:
         while True:
@@ -296,11 +355,15 @@ class _LeaderState:
                 ok=False, reason="ca-unavailable", message=f"the CA could not check: {exc}"
             )
         self.actor.signed += 1
+        current = self.current
         return CsrReply(
             ok=True,
             chain=list(issued.chain_der),
             bundle_pem=ca.bundle.pem,
             signing_ca=ca.certificate.public_bytes(Encoding.DER),
+            bundle_issued_at=current.issued_at
+            if current and current.roots_pem == ca.bundle.pem
+            else 0.0,
         )
 
     # -- commands (mesh ca ...) -----------------------------------------------------------------
@@ -316,9 +379,13 @@ class _LeaderState:
                         reply = await self.command(delivery.body)
                 except MeshError as exc:
                     reply = self.status(False, str(exc), reason=type(exc).__name__)
-                except Exception as exc:  # e.g. a corrupt record in KV: answer, don't crash the leader
+                except (
+                    Exception
+                ) as exc:  # e.g. a corrupt record in KV: answer, don't crash the leader
                     log.exception("CA command %s failed", delivery.body.action)
-                    reply = self.status(False, f"internal error: {type(exc).__name__}: {exc}", reason="internal")
+                    reply = self.status(
+                        False, f"internal error: {type(exc).__name__}: {exc}", reason="internal"
+                    )
                 try:
                     self.bus.reply(delivery, reply)
                 except MeshError as exc:
@@ -357,11 +424,15 @@ class _LeaderState:
         state: dict[str, float | list[str]] = json.loads(entry.value)
         return state
 
-    async def _store(self, ca: pki.CertificateAuthority) -> None:
+    async def _store(
+        self,
+        ca: pki.CertificateAuthority,
+        also_signed_by: Sequence[tuple[x509.Certificate, SigningKey]] = (),
+    ) -> None:
         blob = await trio.to_thread.run_sync(pki.seal_ca, ca, self.config.secret)
         self.revision = await self.kv.update(KEY_CA, blob, self.revision)  # CAS: still ours
         self.actor.ca = ca
-        await self.announce(store_kv=True)
+        await self.announce_new(also_signed_by=also_signed_by)
 
     async def _rotate(self) -> CaCommandReply:
         old = self.ca
@@ -387,7 +458,8 @@ class _LeaderState:
                 {"introduced_at": self.actor._clock(), "old_roots": old.bundle.fingerprints()}
             ).encode(),
         )
-        await self._store(new_root.with_roots(overlap.roots))
+        # Agents trust only the old root yet: its signature is what lets them accept the new.
+        await self._store(new_root.with_roots(overlap.roots), [(old.certificate, old.key)])
         fp = pki.fingerprint(new_root.certificate)
         log.warning("CA rotation: new root %s introduced, old roots still trusted", fp[:16])
         return self.status(

@@ -167,7 +167,9 @@ backend be
         nats = self.start([MESH, "nats", "--port", "0", "--ready-line", "--state-dir",
                            str(self.tmp / "nats")], cwd=ROOT)
         url = str(self.ready_line(nats, "nats")["urls"][0])
+        self.creds = self.tmp / "nats-creds"  # `mesh nats` made a user per role here
         env = {**os.environ, "MESH_CA_SECRET": os.urandom(16).hex(),
+               "MESH_NATS_CREDS": str(self.creds / "controlplane.json"),
                "MESH_CA_CERT": str(cert), "MESH_CA_KEY": str(key),
                "MESH_TRUST_DOMAIN": TRUST_DOMAIN}
         cp = self.start([MESH, "controlplane", "--nats", url, "--ready-line"], cwd=ROOT,
@@ -177,13 +179,14 @@ backend be
 
     def token(self, nats: str, service: str) -> list[str]:
         """--identity/--token-file flags for a sidecar of `service`."""
-        out = subprocess.run([MESH, "token", "create", "--nats", nats, "--trust-domain",
+        out = subprocess.run([MESH, "token", "create", "--nats", nats,
+                              "--creds", str(self.creds / "admin.json"), "--trust-domain",
                               TRUST_DOMAIN, "--namespace", "bench", "--service-account",
                               service], capture_output=True, text=True, check=True, cwd=ROOT)
         path = self.tmp / f"token-{service}"
         path.write_text(out.stdout.strip())
         return ["--ca-nats", nats, "--identity", f"spiffe://{TRUST_DOMAIN}/ns/bench/sa/{service}",
-                "--token-file", str(path)]
+                "--token-file", str(path), "--creds", str(self.creds / "sidecar.json")]
 
     def leaf_pem(self, ca: pki.CertificateAuthority, name: str) -> Path:
         """cert chain + key for HAProxy, issued by the mesh's CA."""

@@ -11,12 +11,14 @@ nursery, so they reach the trio code that owns the bus instead of vanishing.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats.errors
@@ -25,7 +27,15 @@ import trio_asyncio
 from nats.aio.client import Client as NatsClient
 from trio_asyncio import aio_as_trio
 
-from bus.errors import BusClosed, BusConnectError, BusOverloaded, BusTimeout, NoResponders
+from bus.auth import CREDS_ENV, Credentials, is_nats_creds_file, load_credentials
+from bus.errors import (
+    BusClosed,
+    BusConnectError,
+    BusOverloaded,
+    BusPermissionError,
+    BusTimeout,
+    NoResponders,
+)
 from bus.subscription import Delivery, Overflow, Subscription, message_decoder, raw_decoder
 from mesh.concurrency import unwrap_single
 from mesh.errors import BusError
@@ -60,7 +70,12 @@ class BusOptions:
     user: str | None = None
     password: str | None = None
     token: str | None = None
+    # A mesh credentials file (bus/auth.py) or a NATS .creds file. None and no user/token:
+    # $MESH_NATS_CREDS if set (how `mesh up` hands each child its role), else anonymous.
     creds_file: str | None = None
+    # Replies arrive under this subject prefix; a mesh credentials file sets it to the only
+    # inbox subtree its user may subscribe to.
+    inbox_prefix: str | None = None
     tls: ssl.SSLContext | None = None
     # Total time allowed for the *first* connection; afterwards the bus
     # reconnects forever with exponential backoff and jitter.
@@ -118,6 +133,12 @@ class Bus:
         self._errors_send, self._errors_recv = trio.open_memory_channel[BaseException](64)
         self._last_connect_error: BaseException | None = None
         self._connected_once = False
+        self.credentials: Credentials | None = None  # set by _connect when a file was used
+        self._auth_source = "no credentials"
+        self._auth_failed = False
+        # Permission violations the server reported (subject text), newest last, bounded.
+        self.denied: list[str] = []
+        self.denied_count = 0  # ever reported; `denied` keeps the last 64
 
     # -- connection -------------------------------------------------------
 
@@ -141,8 +162,18 @@ class Bus:
     async def _on_error(self, exc: Exception) -> None:
         if not self._connected_once:
             self._last_connect_error = exc
+            # Remembered apart: the server closes the socket after refusing, so the next
+            # error (a reset) would hide why.
+            self._auth_failed = self._auth_failed or _is_auth_error(exc)
             return
         self.stats.async_errors += 1
+        if "permissions violation" in str(exc).lower():
+            # The server refused one publish or subscription and keeps the connection open.
+            self.stats.drops["permission"] += 1
+            self.denied = [*self.denied[-63:], str(exc)]
+            self.denied_count += 1
+            log.warning("NATS refused (%s): %s", self._auth_source, exc)
+            return
         if isinstance(exc, nats.errors.SlowConsumerError):
             self.stats.drops["slow-consumer"] += 1
         log.warning("NATS: %s: %s", type(exc).__name__, exc or "(no detail)")
@@ -183,22 +214,23 @@ class Bus:
             max_outstanding_pings=3,
             tls=o.tls,
         )
-        for key in ("user", "password", "token"):
-            if getattr(o, key) is not None:
-                kwargs[key] = getattr(o, key)
-        if o.creds_file:
-            kwargs["user_credentials"] = o.creds_file
+        kwargs.update(self._auth_options())
         with trio.move_on_after(o.connect_timeout) as scope:
             try:
                 await aio_as_trio(self._nc.connect)(**kwargs)
             except (OSError, nats.errors.Error) as exc:
+                if _is_auth_error(exc) or self._auth_failed:
+                    await self._close_quietly()
+                    raise self._auth_refused() from None
                 raise BusConnectError(
                     f"cannot connect to NATS at {o.display_servers}: {exc}"
                 ) from None
         if scope.cancelled_caught:
             why = self._last_connect_error
-            detail = f"{type(why).__name__}: {why}" if why else "no answer"
             await self._close_quietly()
+            if self._auth_failed:
+                raise self._auth_refused()
+            detail = f"{type(why).__name__}: {why}" if why else "no answer"
             raise BusConnectError(
                 f"cannot reach NATS at {o.display_servers} within {o.connect_timeout:g} s "
                 f"(last error: {detail}); is nats-server running? (`mesh nats` starts one)"
@@ -206,6 +238,44 @@ class Bus:
         self._connected_once = True
         self._js = self._nc.jetstream(timeout=5)
         log.info("connected to NATS at %s", self.connected_url)
+
+    def _auth_options(self) -> dict[str, Any]:
+        """nats-py keyword arguments for the credentials in use. Explicit options win; then
+        the file named by $MESH_NATS_CREDS; a URL's user:password@ is nats-py's own."""
+        o = self.options
+        out: dict[str, Any] = {}
+        if o.inbox_prefix:
+            out["inbox_prefix"] = o.inbox_prefix
+        explicit = {k: getattr(o, k) for k in ("user", "password", "token") if getattr(o, k)}
+        if explicit:
+            self._auth_source = f"user {o.user!r}" if o.user else "a token"
+            return {**out, **explicit}
+        path = o.creds_file or os.environ.get(CREDS_ENV) or None
+        if path is None:
+            if any("@" in u for u in o.servers):
+                self._auth_source = "the credentials in the URL"
+            return out
+        if is_nats_creds_file(Path(path)):
+            self._auth_source = f"NATS credentials {path}"
+            return {**out, "user_credentials": path}
+        creds = load_credentials(path)
+        self.credentials = creds
+        self._auth_source = creds.describe()
+        opts = creds.connect_options()
+        if o.inbox_prefix:
+            opts["inbox_prefix"] = o.inbox_prefix
+        return {**out, **opts}
+
+    def _auth_refused(self) -> BusConnectError:
+        o = self.options
+        if self._auth_source == "no credentials":
+            hint = (
+                "this server requires credentials: pass --creds FILE or set "
+                f"{CREDS_ENV} (`mesh up` writes them under <state-dir>/nats-creds/)"
+            )
+        else:
+            hint = f"it refused {self._auth_source}: wrong or outdated credentials?"
+        return BusConnectError(f"NATS at {o.display_servers} refused the connection: {hint}")
 
     async def _close_quietly(self) -> None:
         self._closing = True
@@ -399,6 +469,7 @@ class Bus:
             except BaseException as exc:  # a bug in delivery must surface in trio, not in asyncio
                 report(exc)
 
+        denied_before = self.denied_count
         try:
             sub.nats_sub = await aio_as_trio(self._nc.subscribe)(
                 sub.subject, queue=queue, cb=callback
@@ -407,12 +478,15 @@ class Bus:
             raise BusError(f"cannot subscribe to {sub.subject}: {exc}") from None
         try:
             # Round trip so the server has the interest before the caller says it is ready.
+            # A refused subscription is reported before the PONG, so it is known by now.
             try:
                 await aio_as_trio(self._nc.flush)(timeout=5)
             except nats.errors.Error as exc:
                 raise BusTimeout(
                     f"NATS did not confirm the subscription to {sub.subject}: {exc}"
                 ) from None
+            if self.was_denied("subscription", sub.subject, since=denied_before):
+                raise self.permission_error(f"subscribe to {sub.subject}")
             yield
         finally:
             sub.close()
@@ -437,11 +511,32 @@ class Bus:
             except nats.errors.ConnectionClosedError:
                 raise BusClosed(f"request on {subject}: the NATS connection is closed") from None
             except nats.errors.TimeoutError:
+                self._raise_if_denied("publish", subject)
                 raise BusTimeout(f"no reply on {subject} within {timeout:g} s") from None
         if scope.cancelled_caught:
+            self._raise_if_denied("publish", subject)
             raise BusTimeout(f"no reply on {subject} within {timeout:g} s")
         payload: bytes = reply.data
         return payload
+
+    def was_denied(self, what: str, subject: str, *, since: int = 0) -> bool:
+        """Did the server refuse ``what`` ("publish", "subscription") on ``subject`` (among
+        the refusals after the ``since``-th, a ``denied_count``)? A subject ending in ``.``
+        matches every subject under it. (nats-py lowercases the server's text, so the
+        comparison is case-insensitive.)"""
+        subject = subject.lower()
+        quoted = f'"{subject}' if subject.endswith(".") else f'"{subject}"'
+        recent = self.denied[len(self.denied) - min(len(self.denied), self.denied_count - since) :]
+        return any(what in d.lower() and quoted in d.lower() for d in recent)
+
+    def permission_error(self, action: str) -> BusPermissionError:
+        """``action``: what was refused, e.g. "publish to mesh.ca.command"."""
+        return BusPermissionError(f"not allowed to {action} as {self._auth_source}")
+
+    def _raise_if_denied(self, what: str, subject: str) -> None:
+        """Turn a silent refusal (the server drops a refused publish) into a clear error."""
+        if self.was_denied(what, subject):
+            raise self.permission_error(f"{what} to {subject}")
 
     async def request(
         self, subject: str, message: Message, reply_type: type[M], *, timeout: float = 2.0
@@ -455,6 +550,14 @@ class Bus:
     def jetstream(self) -> Any:
         """The nats-py JetStream context: for bus/ modules only."""
         return self._js
+
+
+def _is_auth_error(exc: BaseException | None) -> bool:
+    if exc is None:
+        return False
+    return isinstance(exc, nats.errors.AuthorizationError) or (
+        "authorization violation" in str(exc).lower()
+    )
 
 
 @asynccontextmanager

@@ -29,3 +29,7 @@ class KVConflict(BusError):
 
 class KVError(BusError):
     pass
+
+
+class BusPermissionError(BusError):
+    """The server refused a publish or subscription for this connection's NATS user."""

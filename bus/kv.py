@@ -66,6 +66,8 @@ class KV:
                 f"{self.name}/{key}: {what} lost a race (the key changed since it was read)"
             )
         if isinstance(exc, nats.errors.TimeoutError):
+            if self.bus.was_denied("publish", "$JS.API.") or self.bus.was_denied("publish", "$KV."):
+                return self.bus.permission_error(f"{what} in key-value bucket {self.name}")
             return BusTimeout(f"key-value {what} in bucket {self.name} timed out")
         return KVError(
             f"key-value {what} in bucket {self.name} failed: {type(exc).__name__}: {exc}"
@@ -170,8 +172,14 @@ async def open_kv(
     history: int = 1,
     ttl: float | None = None,
     create: bool = True,
+    direct: bool = False,
 ) -> KV:
-    """Bind to a bucket, creating it with this config if it does not exist."""
+    """Bind to a bucket, creating it with this config if it does not exist.
+
+    ``direct``: gets are served as ``$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>``, with
+    the key in the subject, so NATS permissions can allow reading one key and nothing else
+    (bus/auth.py: sidecars read only ``mesh_ca/bundle``). A bucket made before without it is
+    switched to direct gets (a stream config update; the data stays)."""
     js = bus.jetstream
     try:
         handle = await aio_as_trio(js.key_value)(name)
@@ -184,13 +192,34 @@ async def open_kv(
             ttl=ttl,
             replicas=replicas,
             storage=StorageType.FILE,
+            direct=direct or None,
         )
         try:
             handle = await aio_as_trio(js.create_key_value)(config)
         except nats.js.errors.APIError as exc:
             raise KVError(f"cannot create key-value bucket {name}: {exc}") from None
     except nats.errors.TimeoutError:
+        if bus.was_denied("publish", "$JS.API."):
+            raise bus.permission_error(f"use key-value bucket {name} (JetStream)") from None
         raise BusTimeout(
             f"JetStream did not answer binding bucket {name}; is JetStream enabled?"
         ) from None
+    if direct and not getattr(handle, "_direct", True):
+        handle = await _enable_direct(bus, name, handle)
     return KV(bus, name, handle)
+
+
+async def _enable_direct(bus: Bus, name: str, handle: Any) -> Any:
+    """Turn on allow_direct for a bucket created before it was asked for; on failure keep
+    the handle as it is (gets still work for this user, only key-scoped permissions do not)."""
+    js = bus.jetstream
+    try:
+        info = await aio_as_trio(js.stream_info)(f"KV_{name}")
+        info.config.allow_direct = True
+        await aio_as_trio(js.update_stream)(info.config)
+        handle = await aio_as_trio(js.key_value)(name)
+    except nats.errors.Error as exc:
+        log.warning("bucket %s: could not enable direct gets: %s", name, exc)
+        return handle
+    log.info("bucket %s: direct gets enabled (sidecars may read one key of it)", name)
+    return handle

@@ -45,6 +45,11 @@ class NodeSpec:
     max_payload: int = 8 * 1024 * 1024
     # Run the binary through this, e.g. ["ip", "netns", "exec", "h1"] for a test host.
     exec_prefix: list[str] = field(default_factory=list)
+    # Client users and their permissions (bus.auth.authorization_config); empty: no auth.
+    authorization: str = ""
+    # (user, password) that routes between the nodes of a cluster present to each other, so
+    # nothing but a node can join the cluster port and bypass client authorization.
+    route_auth: tuple[str, str] | None = None
 
     def resolve_ports(self) -> None:
         self.port = self.port or free_port(self.host)
@@ -63,12 +68,25 @@ class NodeSpec:
                 f'jetstream {{ store_dir: "{store}", max_memory_store: 256MB, max_file_store: 2GB }}'
             )
         if self.cluster_port:
-            routes = ", ".join(f'"{r}"' for r in self.routes)
+            routes = ", ".join(f'"{self._route_url(r)}"' for r in self.routes)
+            auth = ""
+            if self.route_auth:
+                user, password = self.route_auth
+                auth = f'authorization {{ user: "{user}", password: "{password}" }}, '
             lines.append(
                 f'cluster {{ name: "{self.cluster_name}", listen: "{self.host}:{self.cluster_port}", '
-                f"routes: [{routes}] }}"
+                f"{auth}routes: [{routes}] }}"
             )
+        if self.authorization:
+            lines.append(self.authorization.rstrip("\n"))
         return "\n".join(lines) + "\n"
+
+    def _route_url(self, route: str) -> str:
+        if not self.route_auth or "@" in route:
+            return route
+        scheme, _, rest = route.partition("://")
+        user, password = self.route_auth
+        return f"{scheme}://{user}:{password}@{rest}"
 
 
 class NatsServer:
@@ -143,7 +161,11 @@ class NatsServer:
         spec = self.spec
         spec.state_dir.mkdir(parents=True, exist_ok=True)
         conf = spec.state_dir / "nats.conf"
-        conf.write_text(spec.config_text())
+        # It may hold passwords: owner-only, whatever the umask, before any byte is written.
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(spec.config_text())
         # A local append-only log file: opening it does not block meaningfully.
         with open(self.log_path, "ab") as logf:  # noqa: ASYNC230
             return await trio.lowlevel.open_process(
@@ -235,9 +257,13 @@ class NatsCluster:
         binary: Path | None = None,
         *,
         hosts: Sequence[tuple[str, list[str]]] | None = None,
+        authorization: str = "",
+        route_auth: tuple[str, str] | None = None,
     ) -> None:
         """`hosts`: one (address, exec prefix) per node, for nodes on separate test hosts;
-        each then uses the standard ports. Otherwise `size` nodes share `host`."""
+        each then uses the standard ports. Otherwise `size` nodes share `host`.
+        `authorization`, `route_auth`: see NodeSpec (the same on every node)."""
+        self._auth = (authorization, route_auth)
         if hosts:
             size = len(hosts)
         if size < 1:
@@ -264,6 +290,8 @@ class NatsCluster:
                 cluster_port=cport,
                 routes=routes,
                 exec_prefix=list(prefix),
+                authorization=self._auth[0],
+                route_auth=self._auth[1],
             )
             nodes.append(NatsServer(spec, binary))
         return nodes

@@ -50,6 +50,9 @@ KV_CA = "mesh_ca"  # sealed CA ("ca"), bundle ("bundle"), rotation state ("rotat
 KV_TOKENS = "mesh_tokens"  # join token records, hashed (mesh/tokens.py)
 
 
+CERTS_STATUS_ALL = f"{PREFIX}.identity.status.*"  # every certs_inbox(nonce), for permissions
+
+
 def certs_inbox(nonce: str) -> str:
     """Where identity agents send their IdentityStatus for one `mesh certs` run."""
     return f"{PREFIX}.identity.status.{token(nonce)}"
@@ -100,6 +103,9 @@ CONFIG_ACK = f"{PREFIX}.config.ack"  # publish: ConfigAck
 CONFIG_STATUS = f"{PREFIX}.config.status"  # request/reply: ConfigStatusRequest -> ConfigStatus
 CONFIG_QUEUE = "config"
 CONFIG_KEY = "resources"  # the one key in KV_CONFIG: the whole resource set per revision
+
+
+CONFIG_PUSH_ALL = f"{PREFIX}.config.push.*"  # every config_push(service), for permissions
 
 
 def config_push(service: str) -> str:

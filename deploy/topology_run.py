@@ -8,7 +8,9 @@ nursery: sidecars and apps get SIGTERM, then SIGKILL after a grace period.
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,14 +62,19 @@ def sidecar_argv(inst: Instance, config: Path, nats_urls: list[str]) -> list[str
     return argv
 
 
-async def apply_resources(plan: Plan, state_dir: Path, nats_urls: list[str]) -> None:
+async def apply_resources(
+    plan: Plan, state_dir: Path, nats_urls: list[str], env: dict[str, str] | None = None
+) -> None:
     """Write the topology's routing as control-plane resources, with `mesh apply` itself."""
     path = state_dir / "topology-resources.yaml"
     path.write_text(yaml.safe_dump_all(topology_resources(plan.topology), sort_keys=False))
     argv = [sys.executable, "-m", "mesh", "apply", "-f", str(path), "--nats", ",".join(nats_urls),
             "--note", f"topology {plan.topology.name}"]  # fmt: skip
     with trio.fail_after(30):
-        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        result = await trio.run_process(
+            argv, capture_stdout=True, capture_stderr=True, check=False,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
     if result.returncode != 0:
         raise ConfigError(
             f"applying the topology's routes failed: {result.stderr.decode().strip()}"
@@ -78,13 +85,16 @@ async def run_topology(
     plan: Plan,
     state_dir: Path,
     nats_urls: list[str] | None = None,
+    # NATS credentials per child, as environment: "admin" for `mesh apply`, else the
+    # instance name of a sidecar (bus/auth.py; only paths, never secrets).
+    creds_env: Callable[[str], dict[str, str]] | None = None,
     *,
     task_status: trio.TaskStatus[RunningTopology] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     config_dir = state_dir / "sidecars"
     config_dir.mkdir(parents=True, exist_ok=True)
     if nats_urls:
-        await apply_resources(plan, state_dir, nats_urls)
+        await apply_resources(plan, state_dir, nats_urls, creds_env("admin") if creds_env else None)
     children: dict[str, ChildProcess] = {}
     async with trio.open_nursery() as nursery:
         for inst in plan.instances:
@@ -98,7 +108,9 @@ async def run_topology(
                 config = config_dir / f"{inst.name}.json"
                 config.write_text(json.dumps(inst.snapshot, indent=2))
                 sidecar = ChildProcess(
-                    f"{inst.name}/sidecar", sidecar_argv(inst, config, nats_urls or [])
+                    f"{inst.name}/sidecar",
+                    sidecar_argv(inst, config, nats_urls or []),
+                    env=creds_env(inst.name) if creds_env and nats_urls else None,
                 )
                 children[sidecar.name] = await nursery.start(sidecar.run)
         task_status.started(RunningTopology(plan, children))

@@ -22,6 +22,7 @@ import trio
 from actors.ca_config import secret_env_for_children
 from actors.dashboard import DEFAULT_DASHBOARD_PORT
 from actors.telemetry import DEFAULT_METRICS_PORT
+from bus.auth import CREDS_ENV, authorization_config, child_env, ensure_credentials, mesh_users
 from bus.server import NatsServer, NodeSpec
 from deploy.supervisor import ChildProcess
 from deploy.topology import Topology
@@ -44,6 +45,10 @@ class UpConfig:
     replicas: int = 1
     topology: Topology | None = None
     ingress_port: int | None = None  # overrides the topology's ingress port (0: any free port)
+    # Joining a cluster (nats_urls): the credentials file every child uses (controlplane
+    # role); None: $MESH_NATS_CREDS, else anonymous. An embedded node ignores it: it makes
+    # its own users under <state_dir>/nats-creds.
+    creds: Path | None = None
 
 
 def controlplane_argv(nats_urls: Sequence[str], replica: str, verbosity: int = 0) -> list[str]:
@@ -59,6 +64,12 @@ def controlplane_argv(nats_urls: Sequence[str], replica: str, verbosity: int = 0
         replica,
         "--ready-line",
     ]
+
+
+def _joined_env(config: UpConfig) -> dict[str, str]:
+    """Joining a cluster: its credentials (--creds, else $MESH_NATS_CREDS) for every child."""
+    joined = config.creds or os.environ.get(CREDS_ENV)
+    return {CREDS_ENV: os.path.abspath(joined)} if joined else {}
 
 
 def _check_port_free(port: int) -> None:
@@ -79,6 +90,8 @@ class Running:
     nats: NatsServer | None
     replicas: list[ChildProcess]
     topology: RunningTopology | None = None
+    admin_creds: Path | None = None  # the CLI's credentials for the embedded NATS
+
 
     def describe(self) -> str:
         lines = ["trio-mesh is up"]
@@ -89,6 +102,11 @@ class Running:
             )
         else:
             lines.append(f"  nats          {', '.join(self.nats_urls)}  (existing cluster)")
+        if self.admin_creds:
+            lines.append(
+                f"  credentials   {self.admin_creds.parent}/  (NATS users per role, mode 0600; "
+                "the CLI uses admin.json from here by default)"
+            )
         for child in self.replicas:
             lines.append(f"  controlplane  {child.name}  pid {child.pid}")
         dash = os.environ.get("MESH_DASHBOARD_PORT", str(DEFAULT_DASHBOARD_PORT))
@@ -126,15 +144,40 @@ async def run_up(
                 await outer.start(_watch_signals, body, stopping, started)
                 nats: NatsServer | None = None
                 urls = list(config.nats_urls)
+                plan = None
+                if config.topology is not None:
+                    plan = make_plan(config.topology, free_port, config.ingress_port)
                 if not urls:
                     if config.nats_port:
                         _check_port_free(config.nats_port)
+                    # Security by default: every client of our NATS needs a user; the
+                    # passwords stay in 0600 files and reach children as paths.
+                    names = (
+                        [i.name for i in plan.instances if i.snapshot is not None] if plan else []
+                    )
+                    creds = ensure_credentials(config.state_dir, mesh_users(names))
                     spec = NodeSpec(
-                        "mesh-embedded", config.state_dir / "nats", port=config.nats_port
+                        "mesh-embedded",
+                        config.state_dir / "nats",
+                        port=config.nats_port,
+                        authorization=authorization_config(creds.values()),
                     )
                     nats = await outer.start(NatsServer(spec).run)
                     urls = [nats.url]
-                env = secret_env_for_children(config.state_dir)  # CA operator secret
+                    cp_env = child_env(creds["controlplane"])
+                    admin_creds = creds["admin"].path
+
+                    def env_for(who: str) -> dict[str, str]:
+                        user = "admin" if who == "admin" else f"sidecar-{who}"
+                        return child_env(creds[user])
+                else:
+                    cp_env = _joined_env(config)
+                    admin_creds = None
+
+                    def env_for(who: str) -> dict[str, str]:
+                        return cp_env
+
+                env = {**secret_env_for_children(config.state_dir), **cp_env}
                 async with trio.open_nursery() as cp:
                     replicas = []
                     for i in range(config.replicas):
@@ -143,12 +186,11 @@ async def run_up(
                             name, controlplane_argv(urls, name, verbosity), env=env
                         )
                         replicas.append(await cp.start(child.run))
-                    running = Running(urls, nats, replicas)
+                    running = Running(urls, nats, replicas, admin_creds=admin_creds)
                     async with trio.open_nursery() as apps:
-                        if config.topology is not None:
-                            plan = make_plan(config.topology, free_port, config.ingress_port)
+                        if plan is not None:
                             running.topology = await apps.start(
-                                run_topology, plan, config.state_dir, urls
+                                run_topology, plan, config.state_dir, urls, env_for
                             )
                         task_status.started(running)
                         started.set()

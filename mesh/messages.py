@@ -234,18 +234,32 @@ class CsrReply(Message):
     signing_ca: bytes = b""  # DER of the certificate that signs now
     reason: str = ""
     message: str = ""
+    # issued_at of the signed BundleAnnounce of this bundle: announcements older than it are
+    # replays and ignored by the agent.
+    bundle_issued_at: float = 0.0
 
 
 @message
 @dataclasses.dataclass(frozen=True, slots=True)
 class BundleAnnounce(Message):
-    """The trust bundle (published by the CA leader and stored in KV)."""
+    """The trust bundle (published by the CA leader and stored in KV).
+
+    Version 2 is signed (mesh/pki_announce.py): an agent installs an announced bundle only if
+    one of ``signatures`` verifies with the key of the matching ``signers`` certificate and
+    that certificate chains (through ``intermediates``) to a root the agent already trusts,
+    and only if ``issued_at`` is not older than the last bundle it accepted (no replays).
+    At ``mesh ca rotate`` the overlap bundle is signed by both the old and the new root."""
 
     TYPE: ClassVar[str] = "bundle"
+    VERSION: ClassVar[int] = 2
     trust_domain: str
     roots_pem: bytes
     signing_ca: bytes  # DER; leaves not issued by it are renewed soon (rotation)
     leader: str = ""
+    issued_at: float = 0.0  # CA clock when this content was signed (signed; agents refuse older)
+    intermediates: list[bytes] = dataclasses.field(default_factory=list)  # DER, signer -> root
+    signers: list[bytes] = dataclasses.field(default_factory=list)  # DER certificates
+    signatures: list[bytes] = dataclasses.field(default_factory=list)  # one per signer
 
 
 @message

@@ -46,6 +46,7 @@ from mesh import pki
 from mesh.concurrency import unwrap_single
 from mesh.errors import BusError, IdentityError, MeshError
 from mesh.messages import BundleAnnounce, CertsQuery, CsrReply, CsrRequest, IdentityStatus
+from mesh.pki_announce import verify_announcement
 from mesh.spiffe import SpiffeId
 
 log = logging.getLogger("mesh.identity")
@@ -98,6 +99,9 @@ class IdentityAgent:
         self._svid: pki.Svid | None = None
         self._bundle: pki.TrustBundle | None = None
         self._signing_ca: x509.Certificate | None = None
+        # issued_at of the newest bundle accepted: older announcements are replays.
+        self._bundle_issued_at = 0.0
+        self.rejected_bundles = 0
         self._contexts: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
         self._ready = trio.Event()
         self._wake = trio.Event()
@@ -297,7 +301,10 @@ class IdentityAgent:
         try:
             signing = x509.load_der_x509_certificate(reply.signing_ca) if reply.signing_ca else None
         except ValueError as exc:  # a malformed reply is the CA's problem, not a crash of ours
-            raise pki.NotAnSvid(f"the CA sent a signing certificate that does not parse: {exc}") from None
+            raise pki.NotAnSvid(
+                f"the CA sent a signing certificate that does not parse: {exc}"
+            ) from None
+        self._bundle_issued_at = max(self._bundle_issued_at, reply.bundle_issued_at)
         self._install(svid, bundle, signing, received)
 
     def _install(
@@ -350,19 +357,32 @@ class IdentityAgent:
                     self.on_bundle(delivery.body)
 
     def on_bundle(self, msg: BundleAnnounce) -> None:
-        """Apply an announced bundle: rebuild contexts; renew soon if signed by another CA."""
+        """Apply an announced bundle: rebuild contexts; renew soon if signed by another CA.
+
+        Only a bundle signed by a root already trusted is applied (mesh/pki_announce.py);
+        the first bundle comes in the CA's reply to the join-token request, so announcements
+        before the first certificate are ignored. Anything else is logged and counted."""
         if msg.trust_domain != self.trust_domain:
             return
+        if self._svid is None or self._bundle is None:
+            log.debug(
+                "identity %s: bundle announcement before the first certificate", self.identity
+            )
+            return
         try:
-            bundle = pki.TrustBundle.from_pem(self.trust_domain, msg.roots_pem)
+            bundle = verify_announcement(msg, self._bundle, last_issued_at=self._bundle_issued_at)
             signing = x509.load_der_x509_certificate(msg.signing_ca)
         except (IdentityError, ValueError) as exc:
-            log.warning("identity %s: ignoring a bad bundle announcement: %s", self.identity, exc)
+            self.rejected_bundles += 1
+            log.warning(
+                "identity %s: ignoring a bundle announcement (from %r): %s",
+                self.identity,
+                msg.leader,
+                exc,
+            )
             return
+        self._bundle_issued_at = msg.issued_at
         self._signing_ca = signing
-        if self._svid is None:
-            self._bundle = bundle
-            return
         if bundle != self._bundle:
             self._bundle = bundle
             self._rebuild()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from deploy.topology import demo_topology_path, load_topology
@@ -72,7 +73,10 @@ def test_demo_plan_gives_every_sidecar_a_valid_snapshot() -> None:
     assert stock_cluster is not None and [e.port for e in stock_cluster.subsets[0][1]] == [stock.inbound_port]
 
 
-async def test_demo_serves_through_the_mesh_and_stops_cleanly(tmp_path: Path) -> None:
+async def test_demo_serves_through_the_mesh_and_stops_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESH_STATE_DIR", str(tmp_path))  # the CLI uses `mesh up`'s admin user
     proc = await trio.lowlevel.open_process(
         [*MESH, "up", "--demo", "--nats-port", "0", "--ingress-port", "0",
          "--state-dir", str(tmp_path), "--ready-line"],

@@ -4,6 +4,7 @@ across hosts over mTLS, and the loss of one host leaving the other two serving."
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +16,9 @@ import trio
 from actors.ca import CaActor
 from actors.ca_config import CaConfig
 from actors.runtime import ActorContext
+from bus.auth import authorization_config, ensure_credentials, load_credentials, mesh_users
 from bus.client import Bus, connect
+from bus.errors import BusConnectError
 from bus.server import NatsCluster
 from deploy import netns
 from deploy.supervisor import ChildProcess
@@ -75,19 +78,41 @@ def three_hosts() -> Iterator[list[netns.Host]]:
 
 
 @pytest.fixture
-async def cluster(three_hosts: list[netns.Host], tmp_path: Path) -> AsyncIterator[NatsCluster]:
+def creds(three_hosts: list[netns.Host], tmp_path: Path) -> dict[str, str]:
+    """The mesh's NATS users, as an operator makes them for real hosts (`mesh nats
+    --write-auth ... --sidecar NAME`): one sidecar user per host. File paths by user."""
+    made = ensure_credentials(tmp_path / "etc", mesh_users(h.name for h in three_hosts))
+    return {user: str(c.path) for user, c in made.items()}
+
+
+@pytest.fixture
+async def cluster(
+    three_hosts: list[netns.Host], tmp_path: Path, creds: dict[str, str]
+) -> AsyncIterator[NatsCluster]:
+    """Locked down as on real hosts: client users with permissions, authenticated routes."""
     spec = [(h.ip, h.exec_prefix) for h in three_hosts]
+    users = [load_credentials(p) for p in creds.values()]
+    nodes = NatsCluster(
+        0,
+        tmp_path / "nats",
+        hosts=spec,
+        authorization=authorization_config(users),
+        route_auth=("route", secrets.token_urlsafe(24)),
+    )
     async with trio.open_nursery() as nursery:
-        yield await nursery.start(NatsCluster(0, tmp_path / "nats", hosts=spec).run)
+        yield await nursery.start(nodes.run)
         nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
-async def ca_bus(cluster: NatsCluster) -> AsyncIterator[Bus]:
+async def ca_bus(cluster: NatsCluster, creds: dict[str, str]) -> AsyncIterator[Bus]:
     """A CA actor (in this process, on h1's NATS node) with its state replicated on all three
     nodes, so losing a host loses no CA state; yields its bus for creating join tokens."""
     config = CaConfig(secret=SECRET, trust_domain=TD, lease_ttl=1.0, kv_replicas=3)
-    async with connect(cluster.nodes[0].url) as bus, trio.open_nursery() as nursery:
+    async with (
+        connect(cluster.nodes[0].url, creds_file=creds["controlplane"]) as bus,
+        trio.open_nursery() as nursery,
+    ):
         ca = CaActor(config)
         await nursery.start(ca.run, ActorContext(bus=bus, replica="cp-multihost"))
         with trio.fail_after(15):
@@ -148,7 +173,11 @@ async def load_from(host: netns.Host, port: int, n: int) -> dict[str, Any]:
 
 
 async def test_traffic_crosses_hosts_over_mtls_and_survives_losing_one(
-    three_hosts: list[netns.Host], cluster: NatsCluster, ca_bus: Bus, tmp_path: Path
+    three_hosts: list[netns.Host],
+    cluster: NatsCluster,
+    ca_bus: Bus,
+    creds: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     h1, h2, h3 = three_hosts
     snap = tmp_path / "frontend.json"
@@ -164,7 +193,8 @@ async def test_traffic_crosses_hosts_over_mtls_and_survives_losing_one(
         token_file.write_text(text)
         token_file.chmod(0o600)
         return ["--ca-nats", cluster.nodes[node].url, "--identity", ident(sa),
-                "--token-file", str(token_file), "--identity-timeout", "20"]  # fmt: skip
+                "--token-file", str(token_file), "--identity-timeout", "20",
+                "--creds", creds[f"sidecar-{host.name}"]]  # fmt: skip
 
     async with trio.open_nursery() as nursery:
         children: dict[str, ChildProcess] = {}
@@ -206,13 +236,23 @@ async def test_traffic_crosses_hosts_over_mtls_and_survives_losing_one(
         # and closed before any HTTP (the same port that just served mTLS).
         assert [r["status"] for r in await probe(h1, h2.ip, 15006, 1)] == [0]
 
+        # Locked down: an anonymous client is refused by every node.
+        with pytest.raises(BusConnectError, match="requires credentials"):
+            async with connect(cluster.nodes[2].url, connect_timeout=3.0):
+                pass
+
         before = await load_from(h1, 15001, 200)
         assert before["statuses"] == {"200": 200}, before
 
-        # The NATS cluster spans the hosts: h1's node relays to a subscriber on h2's node.
-        async with connect(cluster.nodes[1].url) as sub_bus, connect(cluster.nodes[0].url) as pub_bus:
-            async with sub_bus.subscribe("t.hosts") as sub:
-                pub_bus.publish_nowait("t.hosts", Blob(label="across", data=b""))
+        # The NATS cluster spans the hosts (over authenticated routes): h1's node relays to a
+        # subscriber on h2's node.
+        cp = creds["controlplane"]
+        async with (
+            connect(cluster.nodes[1].url, creds_file=cp) as sub_bus,
+            connect(cluster.nodes[0].url, creds_file=cp) as pub_bus,
+        ):
+            async with sub_bus.subscribe("mesh.t.hosts") as sub:
+                pub_bus.publish_nowait("mesh.t.hosts", Blob(label="across", data=b""))
                 with trio.fail_after(10):
                     assert (await sub.receive()).body == Blob(label="across", data=b"")
 
@@ -228,9 +268,12 @@ async def test_traffic_crosses_hosts_over_mtls_and_survives_losing_one(
             assert reply["status"] == 200, reply
             body = json.loads(reply["body"])
             assert (body["name"], body["headers"]["x-mesh-peer-identity"]) == (h2.name, ident("frontend"))
-        async with connect(cluster.nodes[1].url) as sub_bus, connect(cluster.nodes[0].url) as pub_bus:
-            async with sub_bus.subscribe("t.hosts") as sub:
-                pub_bus.publish_nowait("t.hosts", Blob(label="still", data=b""))
+        async with (
+            connect(cluster.nodes[1].url, creds_file=cp) as sub_bus,
+            connect(cluster.nodes[0].url, creds_file=cp) as pub_bus,
+        ):
+            async with sub_bus.subscribe("mesh.t.hosts") as sub:
+                pub_bus.publish_nowait("mesh.t.hosts", Blob(label="still", data=b""))
                 with trio.fail_after(10):
                     assert (await sub.receive()).body == Blob(label="still", data=b"")
         nursery.cancel_scope.cancel()

@@ -41,14 +41,20 @@ async def read_ready_line(proc: trio.Process, timeout: float = 30) -> dict[str, 
                     return info
 
 
-async def mesh(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+async def mesh(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     with trio.fail_after(30):
         return await trio.run_process(
-            [*MESH, *args], capture_stdout=True, capture_stderr=True, check=check
+            [*MESH, *args], capture_stdout=True, capture_stderr=True, check=check, env=env
         )
 
 
-async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(tmp_path: Path) -> None:
+async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The CLI finds the admin credentials `mesh up` wrote, as in a user's working directory.
+    monkeypatch.setenv("MESH_STATE_DIR", str(tmp_path / "state"))
     proc = await trio.lowlevel.open_process(
         [*MESH, "up", "--nats-port", "0", "--state-dir", str(tmp_path / "state"), "--ready-line"],
         stdout=subprocess.PIPE,
@@ -60,6 +66,36 @@ async def test_up_serves_ping_restarts_a_killed_replica_and_stops_cleanly(tmp_pa
         answer = await mesh("ping", "--nats", nats, "--json")
         pong = json.loads(answer.stdout)
         assert pong["replica"] == "cp-1" and "ping" in pong["actors"]
+        creds = Path(info["creds"]).parent
+        assert info["creds"] == str(creds / "admin.json")
+        assert {p.name for p in creds.iterdir()} >= {
+            "admin.json",
+            "controlplane.json",
+            "sidecar.json",
+        }
+        # Security by default: no credentials, or the wrong role, is one clear line.
+        anonymous = {k: v for k, v in os.environ.items() if k != "MESH_STATE_DIR"}
+        refused = await mesh("ping", "--nats", nats, check=False, env=anonymous)
+        err = refused.stderr.decode()
+        assert refused.returncode == 1 and "requires credentials" in err, err
+        assert "Traceback" not in err
+        denied = await mesh(
+            "ca", "rotate", "--nats", nats, "--creds", str(creds / "sidecar.json"), check=False
+        )
+        err = denied.stderr.decode()
+        assert denied.returncode == 1 and "not allowed to publish to mesh.ca.command" in err, err
+        assert "Traceback" not in err
+        status = await mesh("ca", "status", "--nats", nats)  # admin, by default
+        assert b"signing" in status.stdout + status.stderr
+        token = ("token", "create", "--namespace", "shop", "--service-account", "checkout")
+        assert (await mesh(*token, "--nats", nats)).stdout.startswith(b"tmj1.")
+        denied = await mesh(
+            *token, "--nats", nats, "--creds", str(creds / "sidecar.json"), check=False
+        )
+        err = denied.stderr.decode()
+        assert (
+            denied.returncode == 1 and "not allowed to use key-value bucket mesh_tokens" in err
+        ), err
 
         # A crashed replica is restarted by the supervisor and answers again.
         os.kill(cp_pid, signal.SIGKILL)
@@ -146,7 +182,10 @@ async def test_replicas_exit_when_their_supervisor_is_killed(tmp_path: Path) -> 
                 os.kill(pid, signal.SIGKILL)
 
 
-async def test_nats_cluster_command_and_up_joining_it(tmp_path: Path) -> None:
+async def test_nats_cluster_command_and_up_joining_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESH_STATE_DIR", str(tmp_path))  # `mesh nats` wrote nats-creds/ here
     cluster = await trio.lowlevel.open_process(
         [*MESH, "nats", "--cluster", "3", "--state-dir", str(tmp_path / "nats"), "--ready-line"],
         stdout=subprocess.PIPE,
@@ -156,7 +195,19 @@ async def test_nats_cluster_command_and_up_joining_it(tmp_path: Path) -> None:
         urls = (await read_ready_line(cluster))["urls"]
         assert len(urls) == 3
         up = await trio.lowlevel.open_process(
-            [*MESH, "up", "--nats", ",".join(urls), "--replicas", "2", "--ready-line"],
+            [
+                *MESH,
+                "up",
+                "--nats",
+                ",".join(urls),
+                "--replicas",
+                "2",
+                "--ready-line",
+                "--creds",
+                str(tmp_path / "nats-creds" / "controlplane.json"),
+                "--state-dir",
+                str(tmp_path / "up"),
+            ],
             stdout=subprocess.PIPE,
         )
         info = await read_ready_line(up)

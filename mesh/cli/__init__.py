@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(args.verbose)
     try:
+        from mesh.cli.common import use_creds
+
+        use_creds(args)
         code: int = args.func(args)
     except MeshError as exc:
         print(f"mesh {args.command}: error: {exc}", file=sys.stderr)

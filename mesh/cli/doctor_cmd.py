@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.doctor import FAIL, run_checks
-from mesh.cli.common import run_trio
+from mesh.cli.common import add_creds_flag, run_trio
 
 DEFAULT_PORTS = ((4222, "embedded NATS"), (8080, "demo ingress"), (15000, "sidecar admin"),
                  (15001, "sidecar outbound"), (15006, "sidecar inbound"))  # fmt: skip
@@ -22,6 +22,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--nats", help="also check this NATS cluster and its control plane (comma-separated URLs)"
     )
+    add_creds_flag(p)
     p.add_argument("--state-dir", type=Path, default=Path(".mesh"))
     p.add_argument(
         "--port", type=int, action="append", help="ports that must be free (default: the mesh's)"

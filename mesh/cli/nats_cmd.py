@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from bus.auth import authorization_config, ensure_credentials, mesh_users
 from bus.server import NatsCluster, NatsServer, NodeSpec
 from mesh.cli.common import print_ready, run_trio
 from mesh.signals import cancel_on_signals
@@ -32,16 +35,59 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--ready-line", action="store_true", help="print one JSON line on stdout when ready"
     )
+    p.add_argument(
+        "--write-auth",
+        type=Path,
+        metavar="DIR",
+        help="do not run NATS: write the mesh's NATS users for real hosts into DIR "
+        "(nats-creds/<user>.json and nats-auth.conf, mode 0600; `include` the latter in "
+        "nats.conf) and exit; existing files are kept",
+    )
+    p.add_argument(
+        "--sidecar",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --write-auth: also a user sidecar-NAME for one sidecar (repeatable)",
+    )
     p.set_defaults(func=cmd_nats)
 
 
+def write_auth(folder: Path, sidecars: list[str]) -> Path:
+    """Credentials + the `authorization` block for an operator's own nats.conf."""
+    creds = ensure_credentials(folder, mesh_users(sidecars))
+    conf = folder / "nats-auth.conf"
+    fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# trio-mesh NATS users (bus/auth.py); secret: keep mode 0600\n")
+        f.write(authorization_config(creds.values()))
+    return conf
+
+
 def cmd_nats(args: argparse.Namespace) -> int:
+    if args.write_auth:
+        conf = write_auth(args.write_auth, args.sidecar)
+        print(
+            f"wrote {conf} (include it in nats.conf) and {conf.parent / 'nats-creds'}/ "
+            "(give each host only its role's file)"
+        )
+        return 0
+    # Security by default, as `mesh up`: users per role, their files next to the data
+    # (<state-dir>/../nats-creds, so `.mesh/nats-creds/admin.json` for the CLI by default).
+    creds_dir = args.state_dir.parent
+    creds = ensure_credentials(creds_dir, mesh_users())
+    auth = authorization_config(creds.values())
+    route_auth = ("route", secrets.token_urlsafe(24))  # new each run: only these nodes
+
     async def main() -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(cancel_on_signals, nursery.cancel_scope)
             if args.cluster > 1:
                 cluster: NatsCluster = await nursery.start(
-                    NatsCluster(args.cluster, args.state_dir).run
+                    NatsCluster(
+                        args.cluster, args.state_dir, authorization=auth, route_auth=route_auth
+                    ).run
                 )
                 urls = cluster.urls
                 for node in cluster.nodes:
@@ -49,15 +95,22 @@ def cmd_nats(args: argparse.Namespace) -> int:
                         f"{node.spec.name}: {node.url}  monitor http://{node.spec.host}:{node.spec.http_port}  log {node.log_path}"
                     )
             else:
-                node = NatsServer(NodeSpec("mesh-dev", args.state_dir, port=args.port))
+                node = NatsServer(
+                    NodeSpec("mesh-dev", args.state_dir, port=args.port, authorization=auth)
+                )
                 await nursery.start(node.run)
                 urls = [node.url]
                 print(
                     f"{node.spec.name}: {node.url}  monitor http://{node.spec.host}:{node.spec.http_port}  log {node.log_path}"
                 )
-            print(f"connect with: --nats {','.join(urls)}   (Ctrl-C stops)", flush=True)
+            folder = creds_dir / "nats-creds"
+            print(
+                f"connect with: --nats {','.join(urls)} --creds {folder}/<role>.json  "
+                "(roles: admin for the CLI, controlplane, sidecar; Ctrl-C stops)",
+                flush=True,
+            )
             if args.ready_line:
-                print_ready(component="nats", urls=urls)
+                print_ready(component="nats", urls=urls, creds=str(folder.resolve()))
         return 0
 
     return run_trio(main)

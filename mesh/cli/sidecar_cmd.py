@@ -11,6 +11,7 @@ from typing import Any
 
 import trio
 
+from mesh.cli.common import add_creds_flag
 from mesh.cli.sidecar_identity import add_identity_flags, identity_config, run_identity
 from mesh.errors import ConfigError, MeshError
 from mesh.signals import watch_parent
@@ -32,6 +33,7 @@ def register(sub: Any) -> None:
                         "plane answers")
     p.add_argument("--nats", help="NATS URL(s): get snapshots from the control plane "
                                   "(docs/sync.md)")
+    add_creds_flag(p)  # the sidecar role's file (bus/auth.py); default $MESH_NATS_CREDS
     p.add_argument("--instance", help="instance name for the control plane "
                                       "(default: service-version-host-pid)")
     p.add_argument("--heartbeat", type=float, default=1.0,

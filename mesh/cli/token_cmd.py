@@ -42,7 +42,8 @@ def register(sub: Any) -> None:
 
 async def trust_domain_of_running_ca(bus: Bus) -> str:
     """The trust domain from the bundle the CA leader stored in KV."""
-    kv = await open_kv(bus, subjects.KV_CA)
+    # direct: the key is in the request subject, which sidecars are allowed for "bundle" only.
+    kv = await open_kv(bus, subjects.KV_CA, direct=True)
     entry = await kv.get("bundle")
     if entry is None:
         raise ConfigError(

@@ -24,6 +24,13 @@ def register(sub: Any) -> None:
         help="join an existing NATS cluster (comma-separated URLs) instead of embedding one",
     )
     p.add_argument(
+        "--creds",
+        type=Path,
+        metavar="FILE",
+        help="with --nats: the NATS credentials of the control plane (default: "
+        "$MESH_NATS_CREDS). The embedded NATS makes its own users in <state-dir>/nats-creds/",
+    )
+    p.add_argument(
         "--nats-port",
         type=int,
         default=DEFAULT_NATS_PORT,
@@ -64,6 +71,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         topology=topology,
         ingress_port=args.ingress_port,
+        creds=args.creds,
     )
 
     async def main() -> int:
@@ -76,6 +84,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     nats=running.nats_urls,
                     replicas={r.name: r.pid for r in running.replicas},
                     topology=_topology_info(running),
+                    creds=str(running.admin_creds.resolve()) if running.admin_creds else None,
                 )
         return 0
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from telemetry_helpers import CHAIN, mesh, process, read_json_line, simulate
 
@@ -102,7 +103,7 @@ async def test_top_without_a_control_plane_is_a_one_line_error(nats_server: Nats
 
 
 async def test_mesh_top_survives_a_replica_failover_without_double_counting(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two `mesh up` replicas; one is SIGKILLed and restarted by `mesh up` with an empty
     graph: `mesh top` keeps answering with the survivor's complete counts, each batch once."""
@@ -123,7 +124,14 @@ async def test_mesh_top_survives_a_replica_failover_without_double_counting(
     ) as up:
         info = await read_json_line(up, "event", timeout=40)
         url = info["nats"][0]
-        async with connect(url, name="sidecars") as bus, trio.open_nursery() as nursery:
+        # `mesh up`'s NATS has users: the CLI finds admin.json there, the fake sidecars use
+        # the sidecar role.
+        monkeypatch.setenv("MESH_STATE_DIR", str(tmp_path / "st"))
+        sidecar_creds = str(tmp_path / "st" / "nats-creds" / "sidecar.json")
+        async with (
+            connect(url, name="sidecars", creds_file=sidecar_creds) as bus,
+            trio.open_nursery() as nursery,
+        ):
             for r in recorders.values():
                 await nursery.start(TelemetryPublisher(r, bus, interval=0.1).run)
 

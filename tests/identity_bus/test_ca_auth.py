@@ -1,0 +1,90 @@
+"""The certificate flow with the mesh's NATS roles on a real, locked-down nats-server: the CA
+runs as controlplane, tokens are made as admin, the agent is a sidecar user and still gets
+its certificate and follows a rotation; what a sidecar user may not do is refused."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+from identity_bus_helpers import SECRET, TD
+
+from actors.ca import CaActor
+from actors.ca_config import CaConfig
+from actors.runtime import ActorContext
+from bus import subjects
+from bus.auth import Credentials, authorization_config, ensure_credentials, mesh_users
+from bus.client import connect
+from bus.errors import BusPermissionError
+from bus.server import NatsServer, NodeSpec
+from mesh.cli.token_cmd import create_token, trust_domain_of_running_ca
+from mesh.messages import CaCommand, CaCommandReply, CsrReply, CsrRequest
+from mesh.spiffe import SpiffeId
+from sidecar.identity import IdentityAgent
+
+
+@pytest.fixture
+async def locked(tmp_path: Path) -> AsyncIterator[tuple[str, dict[str, str]]]:
+    creds: dict[str, Credentials] = ensure_credentials(tmp_path, mesh_users(["a", "b"]))
+    spec = NodeSpec("locked", tmp_path / "nats", authorization=authorization_config(creds.values()))
+    async with trio.open_nursery() as nursery:
+        server: NatsServer = await nursery.start(NatsServer(spec).run)
+        yield server.url, {u: str(c.path) for u, c in creds.items()}
+        nursery.cancel_scope.cancel()
+
+
+async def test_sidecar_user_gets_a_certificate_and_follows_a_rotation(
+    locked: tuple[str, dict[str, str]],
+) -> None:
+    url, files = locked
+    config = CaConfig(secret=SECRET, trust_domain=TD, lease_ttl=1.0)
+    ident = SpiffeId(TD, "shop", "checkout")
+    async with (
+        connect(url, creds_file=files["controlplane"]) as cp,
+        connect(url, creds_file=files["admin"]) as admin,
+        connect(url, creds_file=files["sidecar-a"]) as sidecar,
+        connect(url, creds_file=files["sidecar-b"]) as other,
+        trio.open_nursery() as nursery,
+    ):
+        ca = CaActor(config)
+        await nursery.start(ca.run, ActorContext(bus=cp, replica="cp-1"))
+        with trio.fail_after(10):
+            await ca.leading.wait()
+        token, _ = await create_token(admin, ident)
+
+        # Another sidecar can neither read join tokens in flight nor the replies.
+        for subject in (subjects.CA_SIGN, "_INBOX.sidecar-a.>", "_INBOX.>"):
+            with pytest.raises(BusPermissionError):
+                async with other.subscribe_raw(subject):
+                    pass
+        # A sidecar cannot rotate the CA, nor announce a bundle.
+        with pytest.raises(BusPermissionError, match=r"mesh\.ca\.command"):
+            await sidecar.request(
+                subjects.CA_COMMAND, CaCommand("rotate"), CaCommandReply, timeout=1
+            )
+        sidecar.publish_nowait(subjects.CA_BUNDLE, b"forged")
+        await sidecar.flush()
+        assert sidecar.was_denied("publish", subjects.CA_BUNDLE)
+
+        # Its job: the trust domain from the stored bundle, a certificate, bundle updates.
+        assert await trust_domain_of_running_ca(sidecar) == TD
+        agent = IdentityAgent(ident, token=token, rekey_spread=0.2)
+        await nursery.start(agent.run, sidecar)
+        with trio.fail_after(10):
+            await agent.wait_ready()
+        rotated = await admin.request(
+            subjects.CA_COMMAND, CaCommand("rotate"), CaCommandReply, timeout=5
+        )
+        assert rotated.ok, rotated.message
+        with trio.fail_after(10):
+            while len(agent.bundle) != 2 or agent.renewals < 1:
+                await trio.sleep(0.05)
+        assert agent.rejected_bundles == 0
+        # A renewal request from the wrong sidecar user is answered only to that user.
+        reply = await other.request(
+            subjects.CA_SIGN, CsrRequest(ident.uri, b"junk"), CsrReply, timeout=5
+        )
+        assert not reply.ok
+        nursery.cancel_scope.cancel()

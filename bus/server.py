@@ -22,7 +22,7 @@ from bus.binary import find_nats_server
 from bus.http_probe import ProbeError, http_get, http_get_json
 from mesh.concurrency import unwrap_single
 from mesh.errors import MeshError
-from mesh.processes import child_kwargs, free_port, terminate
+from mesh.processes import free_port, open_child, terminate
 
 log = logging.getLogger("mesh.nats")
 
@@ -168,11 +168,8 @@ class NatsServer:
             f.write(spec.config_text())
         # A local append-only log file: opening it does not block meaningfully.
         with open(self.log_path, "ab") as logf:  # noqa: ASYNC230
-            return await trio.lowlevel.open_process(
-                [*spec.exec_prefix, str(self.binary), "-c", str(conf)],
-                stdout=logf,
-                stderr=logf,
-                **child_kwargs(),
+            return await open_child(
+                [*spec.exec_prefix, str(self.binary), "-c", str(conf)], stdout=logf, stderr=logf
             )
 
     def _repick_ports(self, failure: str) -> bool:

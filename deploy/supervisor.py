@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from mesh.errors import MeshError
-from mesh.processes import child_kwargs, terminate
+from mesh.processes import open_child, terminate
 
 log = logging.getLogger("mesh.supervisor")
 
@@ -78,9 +78,7 @@ class ChildProcess:
             timed_out = False
             ready_at = 0.0
             env = {**os.environ, **(self.env or {})}
-            self.process = await trio.lowlevel.open_process(
-                self.argv, stdout=subprocess.PIPE, **child_kwargs(env)
-            )
+            self.process = await open_child(self.argv, env, stdout=subprocess.PIPE)
             try:
                 async with trio.open_nursery() as nursery:
                     assert self.process.stdout is not None

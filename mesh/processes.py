@@ -3,17 +3,22 @@
 Children get their own session so a Ctrl-C at the terminal reaches only the
 parent, which then stops them in order. PR_SET_PDEATHSIG cannot be used: trio
 forks children from a worker thread, and the kernel sends that signal when the
-*thread* exits (after ~10 s idle), not the parent process. Instead our own
-children are told their supervisor's pid (MESH_PARENT_PID) and exit when it
-goes away (`mesh.signals.cancel_on_signals` watches it); nats-server children
-are stopped by the `finally` of whoever started them.
+*thread* exits (after ~10 s idle), not the parent process. Instead every child
+started with `open_child` is registered with an orphan guard (mesh/orphan_guard.py),
+a tiny process that reads EOF when its parent dies, SIGKILL included, and then
+stops the children left; our own children also watch MESH_PARENT_PID and exit
+by themselves (`mesh.signals.cancel_on_signals`).
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
 
 import trio
 
@@ -23,6 +28,46 @@ PARENT_ENV = "MESH_PARENT_PID"
 def child_kwargs(env: dict[str, str] | None = None) -> dict[str, Any]:
     """Keyword arguments for trio.lowlevel.open_process / subprocess.Popen."""
     return {"start_new_session": True, "env": {**(env or os.environ), PARENT_ENV: str(os.getpid())}}
+
+
+class _OrphanGuard:
+    """This process's orphan guard, started on first use (one per process)."""
+
+    def __init__(self) -> None:
+        self._stdin: IO[bytes] | None = None
+
+    def _pipe(self) -> IO[bytes] | None:
+        if self._stdin is None:
+            try:
+                # Synchronous and from this thread: a few ms, once per process.
+                guard = subprocess.Popen(
+                    [sys.executable, "-I", str(Path(__file__).with_name("orphan_guard.py"))],
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+            except OSError:
+                return None  # no guard: children still stop on a clean exit
+            self._stdin = guard.stdin
+        return self._stdin
+
+    def tell(self, line: str) -> None:
+        pipe = self._pipe()
+        if pipe is None:
+            return
+        try:
+            pipe.write(line.encode() + b"\n")
+            pipe.flush()
+        except OSError:
+            self._stdin = None  # the guard died: the next child starts a new one
+
+
+_guard = _OrphanGuard()
+
+
+async def open_child(argv: Sequence[str], env: dict[str, str] | None = None,
+                     **kwargs: Any) -> trio.Process:
+    """Start a child in its own session, stopped by the orphan guard if we die first."""
+    process = await trio.lowlevel.open_process(list(argv), **kwargs, **child_kwargs(env))
+    _guard.tell(f"+{process.pid}")
+    return process
 
 
 async def terminate(process: trio.Process, grace: float = 5.0) -> int:
@@ -35,6 +80,7 @@ async def terminate(process: trio.Process, grace: float = 5.0) -> int:
             if process.returncode is None:
                 process.kill()
         code = await process.wait()
+    _guard.tell(f"-{process.pid}")
     return code
 
 

@@ -155,31 +155,53 @@ async def test_up_rejects_bad_nats_urls(bad: str, tmp_path: Path) -> None:
     assert result.returncode == 1 and "not a NATS URL" in result.stderr.decode()
 
 
-async def test_replicas_exit_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+def children_of(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (they run in sessions of their own)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().split(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def program(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().split(b"\0")[0]
+
+
+async def test_nothing_survives_a_killed_supervisor(tmp_path: Path) -> None:
+    # The demo has every kind of child: nats-server, a replica, apps, sidecars.
     proc = await trio.lowlevel.open_process(
-        [*MESH, "up", "--nats-port", "0", "--state-dir", str(tmp_path / "state"), "--ready-line"],
+        [*MESH, "up", "--demo", "--nats-port", "0", "--ingress-port", "0",
+         "--state-dir", str(tmp_path / "state"), "--ready-line"],
         stdout=subprocess.PIPE,
-    )
-    nats_pids: list[int] = []
+    )  # fmt: skip
+    kids: list[int] = []
     try:
-        info = await read_ready_line(proc)
-        cp_pid = info["replicas"]["cp-1"]
-        found = await trio.run_process(
-            ["pgrep", "-f", str(tmp_path)], capture_stdout=True, check=False
-        )
-        nats_pids = [int(p) for p in found.stdout.split()]
+        await read_ready_line(proc, timeout=60)
+        kids = [k for k in children_of(proc.pid) if alive(k)]
+        names = {program(k) for k in kids}
+        assert any(n.endswith(b"nats-server") for n in names), names
         proc.kill()  # no chance to clean up
         await proc.wait()
-        with trio.fail_after(10):
-            while alive(cp_pid):
+        # Replicas and sidecars see their parent gone; the orphan guard stops the rest
+        # (nats-server and the apps), SIGKILL after its grace period.
+        with trio.fail_after(15):
+            while left := [k for k in kids if alive(k)]:
                 await trio.sleep(0.1)
+        assert not left
     finally:
         if proc.returncode is None:  # a failed test: stop it the way a user would first
             await terminate(proc, grace=15)
-        # nats-server is not ours to teach; the test cleans up what `mesh up` could not.
-        for pid in nats_pids:
+        for pid in kids:
             if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
 
 
 async def test_nats_cluster_command_and_up_joining_it(

@@ -204,6 +204,8 @@ def topology_resources(topology: Topology) -> list[dict[str, Any]]:
                     "service": svc.name,
                     "lb": "least_request",
                     "subsets": {v: {"version": v} for v, _ in svc.versions},
+                    # The topology's mode, so the control plane's snapshots keep it.
+                    "mtls": topology.mtls.lower(),
                 },
             }
         )

@@ -23,6 +23,7 @@ from actors.ca_config import secret_env_for_children
 from actors.dashboard import DEFAULT_DASHBOARD_PORT
 from actors.telemetry import DEFAULT_METRICS_PORT
 from bus.server import NatsServer, NodeSpec
+from deploy.load import DEFAULT_BACKGROUND_DURATION, background_load
 from deploy.supervisor import ChildProcess
 from deploy.topology import Topology
 from deploy.topology_plan import make_plan
@@ -44,6 +45,9 @@ class UpConfig:
     replicas: int = 1
     topology: Topology | None = None
     ingress_port: int | None = None  # overrides the topology's ingress port (0: any free port)
+    # Background load through the topology's ingress (requests/s; 0: none), see deploy/load.py.
+    load_rate: float = 0.0
+    load_duration: float = DEFAULT_BACKGROUND_DURATION
 
 
 def controlplane_argv(nats_urls: Sequence[str], replica: str, verbosity: int = 0) -> list[str]:
@@ -79,8 +83,12 @@ class Running:
     nats: NatsServer | None
     replicas: list[ChildProcess]
     topology: RunningTopology | None = None
+    load_rate: float = 0.0
+    load_duration: float = DEFAULT_BACKGROUND_DURATION
 
-    def describe(self) -> str:
+    def describe(self, mesh: str = "mesh") -> str:
+        """The banner; `mesh` is how the user ran the command (e.g. .venv/bin/mesh), so the
+        next steps it suggests can be pasted as they are."""
         lines = ["trio-mesh is up"]
         if self.nats:
             lines.append(
@@ -101,9 +109,29 @@ class Running:
             lines.append(
                 f"  metrics       http://127.0.0.1:{metrics}/metrics  (mesh-wide, Prometheus)"
             )
+        ingress = self.topology.plan.ingress if self.topology is not None else None
         if self.topology is not None:
             lines.append(self.topology.describe())
-        lines.append("Try `mesh ping` in another shell. Stop with Ctrl-C.")
+        if ingress is not None and self.load_rate:
+            lines.append(
+                f"  load          {self.load_rate:g} requests/s through the ingress in the "
+                f"background, for {self.load_duration / 60:g} min (--no-load: none)"
+            )
+        if ingress is None:
+            lines.append(f"Try `{mesh} ping` in another shell. Stop with Ctrl-C.")
+            return "\n".join(lines)
+        steps = [(f"{mesh} top", "live traffic per edge (every demo edge within seconds)")]
+        steps.append(
+            (f"curl http://127.0.0.1:{ingress.outbound_port}/", "one request through the mesh")
+        )
+        if dash != "off":
+            steps.append((f"open http://127.0.0.1:{dash}/", "the dashboard"))
+        if self.topology is not None and self.topology.identities.by_account:
+            steps.append((f"{mesh} certs", "each sidecar's SPIFFE identity"))
+        width = max(len(cmd) for cmd, _ in steps)
+        lines.append("Next, in another shell:")
+        lines.extend(f"  {cmd.ljust(width)}   {what}" for cmd, what in steps)
+        lines.append("Stop with Ctrl-C.")
         return "\n".join(lines)
 
 
@@ -150,12 +178,32 @@ async def run_up(
                             running.topology = await apps.start(
                                 run_topology, plan, config.state_dir, urls
                             )
+                            ingress = plan.ingress.outbound_port if plan.ingress else None
+                            if ingress is not None and config.load_rate > 0:
+                                # A task in this nursery: it stops first, before the apps.
+                                running.load_rate = config.load_rate
+                                running.load_duration = config.load_duration
+                                apps.start_soon(
+                                    _run_background_load,
+                                    ingress,
+                                    config.load_rate,
+                                    config.load_duration,
+                                )
                         task_status.started(running)
                         started.set()
                         await stopping.wait()
                         apps.cancel_scope.cancel()
                     cp.cancel_scope.cancel()
             outer.cancel_scope.cancel()
+
+
+async def _run_background_load(port: int, rate: float, duration: float) -> None:
+    result = await background_load("127.0.0.1", port, rate=rate, duration=duration)
+    log.warning(
+        "background load stopped after its cap of %g s (%d requests); `mesh load` sends more",
+        duration,
+        result.sent,
+    )
 
 
 async def _watch_signals(

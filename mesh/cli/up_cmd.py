@@ -117,6 +117,8 @@ def _topology_info(running: Running) -> dict[str, Any] | None:
     plan = running.topology.plan
     return {
         "ingress": plan.ingress.outbound_port if plan.ingress else None,
+        # What issuing the join tokens took (overlapped with applying the routes).
+        "tokens_s": round(running.topology.identities.seconds, 3),
         "instances": {
             i.name: {
                 "service": i.service,

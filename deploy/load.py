@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from math import ceil
 
 import trio
 
@@ -175,3 +176,30 @@ async def run_load(
                 nursery.start_soon(worker)
     result.elapsed = trio.current_time() - start
     return result
+
+
+# The gentle load `mesh up --demo` keeps running so `mesh top` and the dashboard show every
+# edge from the start: a few requests per second, one connection, capped in count and time
+# like any load here (a demo left running overnight stops loading after the cap).
+# 10/s: the demo's 5% canary then calls ratings ~0.5/s, so the catalog -> ratings row is in
+# all but ~0.6% of `mesh top`'s 10 s windows (at 5/s it would be missing from ~8% of them).
+DEFAULT_BACKGROUND_RATE = 10.0  # requests per second
+DEFAULT_BACKGROUND_DURATION = 3600.0  # seconds
+
+
+async def background_load(
+    host: str,
+    port: int,
+    *,
+    rate: float = DEFAULT_BACKGROUND_RATE,
+    duration: float = DEFAULT_BACKGROUND_DURATION,
+) -> LoadResult:
+    """`rate` GETs per second to http://host:port/ for at most `duration` seconds."""
+    return await run_load(
+        host,
+        port,
+        connections=1,
+        requests=max(1, ceil(rate * duration)),
+        duration=duration,
+        rate=rate,
+    )

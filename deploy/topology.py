@@ -5,6 +5,7 @@ instance an app process and a sidecar next to it. It is validated strictly;
 every error names the file and the field path.
 
     name: demo
+    mtls: strict                                  # strict (default) | permissive | off
     ingress: {port: 8080, service: frontend}     # optional: a sidecar that accepts outside traffic
     services:
       - name: catalog
@@ -28,6 +29,9 @@ from mesh.errors import ConfigError
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PLACEHOLDERS = ("{port}", "{version}", "{service}", "{instance}", "{python}")
+# Inbound mTLS between the topology's sidecars. YAML 1.1 reads a bare `off` as false, so
+# both spellings mean "no identities, plaintext" (the sidecars' DISABLE).
+_MTLS = {"strict": "STRICT", "permissive": "PERMISSIVE", "off": "DISABLE", "disable": "DISABLE"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class Topology:
     name: str
     services: tuple[ServiceSpec, ...]
     ingress: Ingress | None = None
+    mtls: str = "STRICT"  # STRICT | PERMISSIVE | DISABLE (no identities at all)
 
     def service(self, name: str) -> ServiceSpec:
         for s in self.services:
@@ -98,8 +103,12 @@ def _weights(where: str, path: str, node: Any, *, minimum: int) -> tuple[tuple[s
 def parse_topology(data: Any, where: str = "topology") -> Topology:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a map at the top level")
-    _check_keys(where, "", data, ("name", "services", "ingress"))
+    _check_keys(where, "", data, ("name", "mtls", "services", "ingress"))
     name = _name(where, "name", data.get("name", "mesh"))
+    raw_mtls = data.get("mtls", "strict")
+    mtls = "DISABLE" if raw_mtls is False else _MTLS.get(str(raw_mtls).lower())
+    if mtls is None:
+        raise _fail(where, "mtls", f"expected strict, permissive or off, got {raw_mtls!r}")
     raw_services = data.get("services")
     if not isinstance(raw_services, list) or not raw_services:
         raise _fail(where, "services", "expected a non-empty list")
@@ -163,7 +172,7 @@ def parse_topology(data: Any, where: str = "topology") -> Topology:
         if target not in names:
             raise _fail(where, "ingress.service", f"no service named {target!r}")
         ingress = Ingress(port, target)
-    return Topology(name, tuple(services), ingress)
+    return Topology(name, tuple(services), ingress, mtls)
 
 
 def load_topology(path: Path) -> Topology:

@@ -202,7 +202,7 @@ def topology_resources(topology: Topology) -> list[dict[str, Any]]:
             {
                 "kind": "DestinationPolicy",
                 "name": svc.name,
-                "spec": {"service": svc.name, "lb": "least_request"},
+                "spec": {"service": svc.name, "lb": "least_request", "mtls": topology.mtls.lower()},
             }
         )
     for svc in http:
@@ -228,6 +228,8 @@ def topology_resources(topology: Topology) -> list[dict[str, Any]]:
                     "service": svc.name,
                     "lb": "least_request",
                     "subsets": {v: {"version": v} for v, _ in svc.versions},
+                    # The topology's mode, so the control plane's snapshots keep it.
+                    "mtls": topology.mtls.lower(),
                 },
             }
         )

@@ -24,6 +24,7 @@ from actors.dashboard import DEFAULT_DASHBOARD_PORT
 from actors.telemetry import DEFAULT_METRICS_PORT
 from bus.auth import CREDS_ENV, authorization_config, child_env, ensure_credentials, mesh_users
 from bus.server import NatsServer, NodeSpec
+from deploy.load import DEFAULT_BACKGROUND_DURATION, background_load
 from deploy.supervisor import ChildProcess
 from deploy.topology import Topology
 from deploy.topology_plan import make_plan
@@ -49,6 +50,9 @@ class UpConfig:
     # role); None: $MESH_NATS_CREDS, else anonymous. An embedded node ignores it: it makes
     # its own users under <state_dir>/nats-creds.
     creds: Path | None = None
+    # Background load through the topology's ingress (requests/s; 0: none), see deploy/load.py.
+    load_rate: float = 0.0
+    load_duration: float = DEFAULT_BACKGROUND_DURATION
 
 
 def controlplane_argv(nats_urls: Sequence[str], replica: str, verbosity: int = 0) -> list[str]:
@@ -91,9 +95,12 @@ class Running:
     replicas: list[ChildProcess]
     topology: RunningTopology | None = None
     admin_creds: Path | None = None  # the CLI's credentials for the embedded NATS
+    load_rate: float = 0.0
+    load_duration: float = DEFAULT_BACKGROUND_DURATION
 
-
-    def describe(self) -> str:
+    def describe(self, mesh: str = "mesh") -> str:
+        """The banner; `mesh` is how the user ran the command (e.g. .venv/bin/mesh), so the
+        next steps it suggests can be pasted as they are."""
         lines = ["trio-mesh is up"]
         if self.nats:
             lines.append(
@@ -119,9 +126,29 @@ class Running:
             lines.append(
                 f"  metrics       http://127.0.0.1:{metrics}/metrics  (mesh-wide, Prometheus)"
             )
+        ingress = self.topology.plan.ingress if self.topology is not None else None
         if self.topology is not None:
             lines.append(self.topology.describe())
-        lines.append("Try `mesh ping` in another shell. Stop with Ctrl-C.")
+        if ingress is not None and self.load_rate:
+            lines.append(
+                f"  load          {self.load_rate:g} requests/s through the ingress in the "
+                f"background, for {self.load_duration / 60:g} min (--no-load: none)"
+            )
+        if ingress is None:
+            lines.append(f"Try `{mesh} ping` in another shell. Stop with Ctrl-C.")
+            return "\n".join(lines)
+        steps = [(f"{mesh} top", "live traffic per edge (every demo edge within seconds)")]
+        steps.append(
+            (f"curl http://127.0.0.1:{ingress.outbound_port}/", "one request through the mesh")
+        )
+        if dash != "off":
+            steps.append((f"open http://127.0.0.1:{dash}/", "the dashboard"))
+        if self.topology is not None and self.topology.identities.by_account:
+            steps.append((f"{mesh} certs", "each sidecar's SPIFFE identity"))
+        width = max(len(cmd) for cmd, _ in steps)
+        lines.append("Next, in another shell:")
+        lines.extend(f"  {cmd.ljust(width)}   {what}" for cmd, what in steps)
+        lines.append("Stop with Ctrl-C.")
         return "\n".join(lines)
 
 
@@ -192,12 +219,32 @@ async def run_up(
                             running.topology = await apps.start(
                                 run_topology, plan, config.state_dir, urls, env_for
                             )
+                            ingress = plan.ingress.outbound_port if plan.ingress else None
+                            if ingress is not None and config.load_rate > 0:
+                                # A task in this nursery: it stops first, before the apps.
+                                running.load_rate = config.load_rate
+                                running.load_duration = config.load_duration
+                                apps.start_soon(
+                                    _run_background_load,
+                                    ingress,
+                                    config.load_rate,
+                                    config.load_duration,
+                                )
                         task_status.started(running)
                         started.set()
                         await stopping.wait()
                         apps.cancel_scope.cancel()
                     cp.cancel_scope.cancel()
             outer.cancel_scope.cancel()
+
+
+async def _run_background_load(port: int, rate: float, duration: float) -> None:
+    result = await background_load("127.0.0.1", port, rate=rate, duration=duration)
+    log.warning(
+        "background load stopped after its cap of %g s (%d requests); `mesh load` sends more",
+        duration,
+        result.sent,
+    )
 
 
 async def _watch_signals(

@@ -13,6 +13,12 @@ serves onto the requests it makes.
          VERSION=v1
 
 Roles: frontend -> catalog -> ratings (v2 only), catalog -> stock (TCP, v2 only).
+
+A service whose dependency failed answers 500, not 502/503: the demo's routes
+retry 502 and 503 on every hop, so a retriable status here would be retried
+again by each caller's sidecar (retries multiplying up the call chain) and a
+fault on ratings could never be seen by the client, with or without retries on
+the ratings route (README, "Retries hide a fault").
 """
 
 from __future__ import annotations
@@ -112,14 +118,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def serve_frontend(self) -> tuple[int, dict[str, Any]]:
         status, catalog = call("catalog", "/items", self.headers)
-        return (200 if status < 500 else 502), {"catalog_status": status, "catalog": catalog}
+        return (200 if status < 500 else 500), {"catalog_status": status, "catalog": catalog}
 
     def serve_catalog(self) -> tuple[int, dict[str, Any]]:
         items: list[dict[str, Any]] = [dict(i) for i in ITEMS]
         if self.version != "v1":  # v2 shows ratings and stock
             status, ratings = call("ratings", "/ratings", self.headers)
             if status >= 500:
-                return 503, {"error": "ratings unavailable", "ratings_status": status}
+                return 500, {"error": "ratings unavailable", "ratings_status": status}
             for item in items:
                 item["stars"] = ratings.get("ratings", {}).get(item["sku"])
                 item["stock"] = stock_level(item["sku"])

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from bus.client import BusOptions
+from deploy.load import DEFAULT_BACKGROUND_DURATION, DEFAULT_BACKGROUND_RATE
 from deploy.topology import demo_topology_path, load_topology
 from deploy.up import DEFAULT_NATS_PORT, Running, UpConfig, run_up
 from mesh.cli.common import print_ready, run_trio
+from mesh.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -56,7 +60,25 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--ingress-port", type=int, help="override the topology's ingress port (0: any free port)"
     )
+    p.add_argument(
+        "--no-load",
+        action="store_true",
+        help="no background load (the demo has a gentle one by default)",
+    )
+    p.add_argument(
+        "--load-rate",
+        type=float,
+        help=f"background requests/s through the topology's ingress, for at most "
+        f"{DEFAULT_BACKGROUND_DURATION / 60:g} min (default: {DEFAULT_BACKGROUND_RATE:g} with "
+        "--demo, none with --topology)",
+    )
     p.set_defaults(func=cmd_up)
+
+
+def _mesh_command() -> str:
+    """How the user ran us (`.venv/bin/mesh`, `mesh`), for the banner's next steps."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return argv0 if os.path.basename(argv0) == "mesh" else "mesh"
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -64,6 +86,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     topology = None
     if args.demo or args.topology:
         topology = load_topology(demo_topology_path() if args.demo else args.topology)
+    rate = args.load_rate
+    if rate is None:
+        # The background load is the demo's; a topology of your own gets one when asked.
+        rate = DEFAULT_BACKGROUND_RATE if args.demo else 0.0
+    elif not 0 < rate <= 1000:
+        raise ConfigError("--load-rate must be above 0 and at most 1000 requests/s")
     config = UpConfig(
         state_dir=args.state_dir,
         nats_urls=urls,
@@ -72,12 +100,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         topology=topology,
         ingress_port=args.ingress_port,
         creds=args.creds,
+        load_rate=0.0 if args.no_load else rate,
     )
 
     async def main() -> int:
         async with trio.open_nursery() as nursery:
             running: Running = await nursery.start(run_up, config, args.verbose)
-            print(running.describe(), flush=True)
+            print(running.describe(_mesh_command()), flush=True)
             if args.ready_line:
                 print_ready(
                     component="up",
@@ -97,6 +126,8 @@ def _topology_info(running: Running) -> dict[str, Any] | None:
     plan = running.topology.plan
     return {
         "ingress": plan.ingress.outbound_port if plan.ingress else None,
+        # What issuing the join tokens took (overlapped with applying the routes).
+        "tokens_s": round(running.topology.identities.seconds, 3),
         "instances": {
             i.name: {
                 "service": i.service,

@@ -178,7 +178,8 @@ class PairAgg:
     """What one (source, destination, version) pair did: counts, codes, latency, bytes;
     `tcp` (None until a pair has opaque TCP traffic) its TCP connections and bytes."""
 
-    __slots__ = ("codes", "errors", "flags", "hist", "requests", "rx_bytes", "tcp", "tx_bytes")
+    __slots__ = ("codes", "errors", "flags", "hist", "requests", "retries", "rx_bytes", "tcp",
+                 "tx_bytes")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -189,6 +190,9 @@ class PairAgg:
         self.tx_bytes = 0  # response bytes sent back to it
         self.flags: dict[str, int] = {}
         self.tcp: TcpAgg | None = None
+        # Tries sent again after a failed try (each retry follows one failed try), so the
+        # tries' own success rate is (requests - errors) / (requests + retries).
+        self.retries = 0
 
     def tcp_agg(self) -> TcpAgg:
         tcp = self.tcp
@@ -221,11 +225,13 @@ class PairAgg:
         tx_bytes: int,
         flags: Mapping[str, int],
         tcp: tuple[int, int, int, int, int] | None = None,
+        retries: int = 0,
     ) -> None:
         """Add one telemetry row (sparse histogram): cheaper than building a PairAgg."""
         if tcp is not None:
             self.tcp_agg().add(*tcp)
         self.requests += requests
+        self.retries += retries
         self.errors += errors
         mine = self.codes
         for i, n in enumerate(codes):
@@ -238,6 +244,7 @@ class PairAgg:
 
     def merge(self, other: PairAgg) -> None:
         self.requests += other.requests
+        self.retries += other.retries
         self.errors += other.errors
         for i, n in enumerate(other.codes):
             self.codes[i] += n
@@ -251,6 +258,7 @@ class PairAgg:
 
     def subtract(self, other: PairAgg) -> None:
         self.requests -= other.requests
+        self.retries -= other.retries
         self.errors -= other.errors
         for i, n in enumerate(other.codes):
             self.codes[i] -= n

@@ -77,7 +77,8 @@ class GraphState:
                 w = self.edges[ekey] = WindowedAgg(now)
                 self.totals[ekey] = PairAgg()
             args = (
-                row.n, row.err, row.codes, row.lat, row.lat_sum, row.rx, row.tx, row.flags, row.tcp
+                row.n, row.err, row.codes, row.lat, row.lat_sum, row.rx, row.tx, row.flags, row.tcp,
+                row.retries,
             )
             self.totals[ekey].add_row(*args)
             target = w.slot(now)

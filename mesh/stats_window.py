@@ -115,6 +115,10 @@ class Golden:
     tcp_sent_bps: float = 0.0
     tcp_received_bps: float = 0.0
     tcp_denied: int = 0
+    # Retries hide failed tries from the caller: `success_rate` is what the caller saw,
+    # `actual_success_rate` what the tries did (Linkerd's EFFECTIVE vs ACTUAL success).
+    retries: int = 0
+    actual_success_rate: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,6 +136,8 @@ class Golden:
             "tcp_sent_bps": self.tcp_sent_bps,
             "tcp_received_bps": self.tcp_received_bps,
             "tcp_denied": self.tcp_denied,
+            "retries": self.retries,
+            "actual_success_rate": self.actual_success_rate,
         }
 
 
@@ -157,4 +163,6 @@ def golden(agg: PairAgg, seconds: float) -> Golden:
         tcp_sent_bps=round(tcp.sent / seconds, 1),
         tcp_received_bps=round(tcp.received / seconds, 1),
         tcp_denied=tcp.denied,
+        retries=agg.retries,
+        actual_success_rate=round((n - agg.errors) / (n + agg.retries), 4) if n else 1.0,
     )

@@ -15,7 +15,8 @@ On the wire it is an ordinary mesh message (docs/messages.md), msgpack
     {bucket index: count}; ``lat_sum`` seconds; ``rx``/``tx`` bytes;
     ``flags`` map {response flags: count}; optional ``tcp`` map (opaque TCP, see
     TCP_KEYS): {"opened", "closed", "sent", "received", "denied"} counts. A TCP-only
-    pair has ``n`` = 0, so a reader that ignores ``tcp`` sees no requests there.
+    pair has ``n`` = 0, so a reader that ignores ``tcp`` sees no requests there;
+    optional ``retries`` int: tries sent again after a failed try (absent: 0).
 
 Counts are deltas for the interval, never cumulative: a reader adds them up.
 """
@@ -62,6 +63,8 @@ def pair_row(key: PairKey, agg: PairAgg) -> dict[str, Any]:
     }
     if agg.tcp:
         row["tcp"] = dict(zip(TCP_KEYS, agg.tcp.as_tuple(), strict=True))
+    if agg.retries:
+        row["retries"] = agg.retries
     return row
 
 
@@ -103,12 +106,13 @@ class Row(NamedTuple):
     tx: int
     flags: dict[str, int]
     tcp: TcpCounts | None = None
+    retries: int = 0
 
     def agg(self) -> PairAgg:
         a = PairAgg()
         a.add_row(
             self.n, self.err, self.codes, self.lat, self.lat_sum, self.rx, self.tx, self.flags,
-            self.tcp,
+            self.tcp, self.retries,
         )
         return a
 
@@ -144,6 +148,9 @@ def parse_row(row: Mapping[str, Any]) -> Row:
         if min(o, c, s, r, d) < 0:
             raise BadBatch("'tcp' counts must not be negative")
         tcp = (o, c, s, r, d)
+    retries = int(row.get("retries", 0))
+    if retries < 0:
+        raise BadBatch("'retries' must not be negative")
     return Row(
         (str(row["src"]), str(row["dst"]), str(row.get("ver", ""))),
         int(row["n"]),
@@ -155,6 +162,7 @@ def parse_row(row: Mapping[str, Any]) -> Row:
         int(row.get("tx", 0)),
         {str(k): int(v) for k, v in flags.items()},
         tcp,
+        retries,
     )
 
 

@@ -15,7 +15,9 @@ from mesh.cli.common import add_nats_flag, run_trio
 from mesh.messages import GraphReply
 from mesh.stats_window import WINDOWS
 
-COLUMNS = ("SRC", "DST", "RPS", "SUCCESS", "REQUESTS", "P50", "P90", "P99")
+# SUCCESS is what callers saw; TRIES what the tries did, retried ones included (lower when
+# retries hide failures), with RETRIES the retries sent in the window.
+COLUMNS = ("SRC", "DST", "RPS", "SUCCESS", "TRIES", "RETRIES", "REQUESTS", "P50", "P90", "P99")
 # Opaque TCP edges (protocol "tcp") have no requests; they get their own table:
 # connections opened per second and in the window, bytes per second each way, refusals.
 TCP_COLUMNS = ("SRC", "DST", "CONN/S", "CONNS", "SENT/S", "RECEIVED/S", "DENIED")
@@ -75,6 +77,8 @@ def render(reply: GraphReply) -> str:
                 e["dst"],
                 f"{e['rps']:.1f}",
                 f"{e['success_rate'] * 100:.2f}%",
+                f"{e.get('actual_success_rate', e['success_rate']) * 100:.2f}%",
+                str(e.get("retries", 0)),
                 str(e["requests"]),
                 _ms(e["p50_ms"]),
                 _ms(e["p90_ms"]),

@@ -78,9 +78,11 @@ async def test_top_and_raw_consumer_see_the_chain_through_real_processes(
 
         text = await mesh("top", "--nats", url, "--once", "--window", "1m")
         lines = text.stdout.decode().splitlines()
-        assert lines[0].split() == ["SRC", "DST", "RPS", "SUCCESS", "REQUESTS", "P50", "P90", "P99"]
+        assert lines[0].split() == ["SRC", "DST", "RPS", "SUCCESS", "TRIES", "RETRIES", "REQUESTS",
+                                    "P50", "P90", "P99"]
         row = next(line.split() for line in lines if line.startswith("frontend"))
-        assert row[:2] == ["frontend", "backend"] and row[3] == "90.00%" and row[4] == "100"
+        # No retries here: the tries' success rate is the callers'.
+        assert row[:2] == ["frontend", "backend"] and row[3:7] == ["90.00%", "90.00%", "0", "100"]
 
         # Keep traffic flowing until `mesh telemetry -n 1` has printed a decoded batch.
         line: dict[str, Any] = {}

@@ -201,6 +201,33 @@ def test_graph_counts_each_batch_once_and_counts_gaps() -> None:
     assert g.graph("5m", 400.0) == ([], [])
 
 
+def test_retries_travel_in_the_batch_and_split_effective_from_actual_success() -> None:
+    # 100 requests, 2 failed in the end; 18 retries, each after a failed try: the caller saw
+    # 98% success, the 118 tries succeeded 98 times.
+    agg = _agg(100, 2)
+    agg.retries = 18
+    b = build_batch(namespace="default", service="a", instance="a-1", epoch="e", seq=1,
+                    ts=1.0, interval=1.0, pairs={("a", "b", "v1"): agg})
+    data = encode(b)
+    assert msgpack.unpackb(data, strict_map_key=False)["b"]["pairs"][0]["retries"] == 18
+    g = GraphState()
+    assert g.ingest(parse_batch(data), 10.0)
+    _, [edge] = g.graph("10s", 10.5)
+    assert (edge["retries"], edge["success_rate"]) == (18, 0.98)
+    assert edge["actual_success_rate"] == round(98 / 118, 4)
+    # A row without retries (an older sidecar) reads as none, and the two rates agree.
+    plain = parse_batch(_batch(1, 10, 1))
+    assert plain.rows[0].retries == 0
+    g2 = GraphState()
+    g2.ingest(plain, 10.0)
+    _, [e2] = g2.graph("10s", 10.5)
+    assert e2["actual_success_rate"] == e2["success_rate"] == 0.9
+    m = msgpack.unpackb(data, strict_map_key=False)
+    m["b"]["pairs"][0]["retries"] = -1
+    with pytest.raises(BadBatch, match="retries"):
+        parse_batch(msgpack.packb(m))
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(

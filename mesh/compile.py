@@ -127,8 +127,9 @@ def _routes(
 
 def _inbound(resources: ResourceSet, service: str, defaults: dict[str, Any]) -> dict[str, Any]:
     """AuthorizationPolicies as the snapshot's `inbound.authz` (the sidecar enforces them:
-    a matching deny rule denies, then, if any allow rule exists, a request must match one;
-    403 with flag DENY), and the service's DestinationPolicy `mtls` as `inbound.mtls`."""
+    a matching deny rule denies, then, if any allow rule exists, a request must match one,
+    else MeshConfig `defaults.authorization` decides; 403 with flag DENY), and the service's
+    DestinationPolicy `mtls` as `inbound.mtls`."""
     rules: list[dict[str, Any]] = []
     policies = sorted(
         (
@@ -146,8 +147,9 @@ def _inbound(resources: ResourceSet, service: str, defaults: dict[str, Any]) -> 
                     out_rule[key] = rule[key]
             rules.append(out_rule)
     out: dict[str, Any] = {"faults": []}
-    if policies:
-        out["authz"] = {"rules": rules}
+    default = defaults.get("authorization", "allow")
+    if policies or default == "deny":
+        out["authz"] = {"rules": rules, "default": default}
     dp = policy_for(resources, service)
     if dp is not None and "mtls" in dp.spec:
         out["mtls"] = dp.spec["mtls"].upper()

@@ -383,6 +383,9 @@ SPECS: dict[str, Check] = {
                     "connect_timeout": _num(0.001, 600),
                     "inbound_timeout": _num(0.001, 86400),
                     "retries": _RETRIES,
+                    # deny: a service no AuthorizationPolicy allows anything is closed to
+                    # every caller (Istio's mesh-wide allow-nothing policy).
+                    "authorization": _enum("allow", "deny"),
                 }
             ),
         }

@@ -5,11 +5,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_resources import GOOD, as_set
 
 from mesh.compile import Registration, compile_all, compile_service
+from mesh.errors import ConfigError
 from mesh.messages import ConfigHeartbeat, SnapshotPush, SnapshotRequest, decode, encode
 from mesh.resources import merged, parse_text
 from mesh.snapshot import Snapshot
@@ -61,6 +63,24 @@ def test_compile_gives_each_service_only_what_it_needs() -> None:
     assert authz is not None and len(authz.rules) == 1
     rule = authz.rules[0]
     assert (rule.action, rule.source, rule.methods) == ("allow", "productpage", ("GET",))
+
+
+def test_mesh_wide_default_deny_closes_services_no_policy_opens() -> None:
+    text = GOOD.replace("defaults: {timeout: 5,", "defaults: {authorization: deny, timeout: 5,")
+    assert text != GOOD
+    resources = as_set(text)
+    # productpage has no AuthorizationPolicy: closed to every caller.
+    pp = Snapshot.from_dict(compile_service(resources, EPS, "productpage").snapshot).inbound.authz
+    assert pp is not None and (pp.default, pp.rules) == ("deny", ())
+    # reviews' allow policy still lets productpage in, and only it.
+    rv = Snapshot.from_dict(compile_service(resources, EPS, "reviews").snapshot).inbound.authz
+    assert rv is not None and rv.default == "deny" and [r.source for r in rv.rules] == ["productpage"]
+    # The default (allow) leaves a service without policies open, as before.
+    open_pp = compile_service(as_set(GOOD), EPS, "productpage").snapshot
+    assert "authz" not in open_pp["inbound"]
+    bad = GOOD.replace("defaults: {timeout: 5,", "defaults: {authorization: maybe, timeout: 5,")
+    with pytest.raises(ConfigError, match=r"defaults\.authorization: 'maybe' is not one of allow"):
+        as_set(bad)
 
 
 def test_a_mirror_compiles_to_the_routes_cluster_and_subset() -> None:

@@ -7,7 +7,8 @@ tuple is the cheapest thing Python builds.
 Kinds:
   HEAD    value: RequestHead / ResponseHead
   BODY    value: bytes (decoded: chunked framing already removed)
-  END     value: None
+  END     value: None, or the trailer fields of a chunked message (list of (name, value),
+          names lower-cased)
   UPGRADE value: bytes received after the head of an upgraded message (belongs to
           the tunnel, not to HTTP)
 
@@ -98,6 +99,7 @@ class _Reader:
         self._error: ProtocolError | None = None
         self._chunked = False
         self._content_length: int | None = None
+        self._trailers: list[tuple[bytes, bytes]] | None = None
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -106,10 +108,19 @@ class _Reader:
         self._in_head = True
         self._chunked = False
         self._content_length = None
+        self._trailers = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
         name = name.lower()
+        if not self._in_head:
+            # llhttp reports a chunked message's trailer fields here too, after the body:
+            # kept apart (the head has been handed out already) and bounded like the head.
+            self._check_head_size()
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+            return
         if name == b"content-length":
             try:
                 n = int(value)
@@ -127,7 +138,7 @@ class _Reader:
         self.events.append((BODY, body))
 
     def on_message_complete(self) -> None:
-        self.events.append((END, None))
+        self.events.append((END, self._trailers))
 
     # What a parse error answers: the client's fault (400) or the upstream's (502).
     _MALFORMED = (400, "DPE", "malformed request")
@@ -175,7 +186,7 @@ class RequestReader(_Reader):
         self._hosts = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 4 and name.lower() == b"host":
+        if len(name) == 4 and self._in_head and name.lower() == b"host":
             self._hosts += 1
             if self._hosts > 1:
                 # RFC 9112 3.2: two Hosts let the proxy and the upstream disagree on the target.
@@ -273,7 +284,7 @@ class ResponseReader(_Reader):
     def on_message_complete(self) -> None:
         if self._head_request and self._status >= 200:
             return  # END already queued at headers complete
-        self.events.append((END, None))
+        self.events.append((END, self._trailers))
 
 def _describe(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
@@ -288,6 +299,21 @@ def encode_chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+# Trailer fields never forwarded: hop-by-hop ones and those that would change framing or
+# routing if a later hop merged them into the head (RFC 9110 6.5.1).
+_NOT_TRAILERS = HOP_BY_HOP | {b"content-length", b"host"}
+
+
+def last_chunk(trailers: list[tuple[bytes, bytes]] | None) -> bytes:
+    """The end of a chunked body, carrying the message's trailer fields (END's value)."""
+    if not trailers:
+        return LAST_CHUNK
+    parts = [b"0\r\n"]
+    for k, v in trailers:
+        if k not in _NOT_TRAILERS:
+            parts += (k, b": ", v, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def request_head_bytes(head: RequestHead, extra: list[tuple[bytes, bytes]],

@@ -120,7 +120,7 @@ class _Downstream:
         self.status = 0
         self.flag = ""
         self.tx = 0
-        self.upstream = ""
+        self.upstream: Endpoint | str = ""
         self.version = ""
         self.request_id = b""
         self.src: str | None = None
@@ -260,29 +260,33 @@ class HttpProxy:
         tel = self.telemetry
         if tel is None:
             return await self._proxy(c, rt, head, None)
-        started, wall = time.perf_counter(), time.time()
-        tp, ts = head.get(b"traceparent"), head.get(b"tracestate")
-        method = head.method.decode("latin-1")
-        hop = tel.begin(f"{method} {head.path}",
-                        tp.decode("latin-1") if tp is not None else None,
-                        ts.decode("latin-1") if ts is not None else None,
-                        outbound=self.outbound)
+        # One clock read at each end; the wall-clock start is derived only for a log line.
+        started = time.perf_counter()
+        hop = tel.begin_request(head.method, head.target, head.get(b"traceparent"),
+                                head.get(b"tracestate"), self.outbound)
         c.status, c.flag, c.tx, c.upstream, c.version = 0, "", 0, "", ""
         c.src, c.dst, c.request_id = None, "unknown", b""
         try:
             return await self._proxy(c, rt, head, hop)
         finally:
+            duration = time.perf_counter() - started
             if self.outbound:
                 src, dst = self.service_name, c.dst  # dst: the route's cluster
             else:
                 src, dst = c.src or "unknown", self.service_name
                 c.version = self.version
-            tel.end(hop, src=src, dst=dst, dst_version=c.version, status=c.status,
-                    flags=c.flag, start_time=wall, duration=time.perf_counter() - started,
-                    rx_bytes=head.content_length or 0, tx_bytes=c.tx, method=method,
-                    path=head.path, authority=(head.get(b"host") or b"").decode("latin-1"),
-                    upstream=c.upstream, request_id=c.request_id.decode("latin-1"),
-                    count=self.outbound or c.src is None)
+            count = self.outbound or c.src is None
+            if tel.access_log is None:
+                tel.end_request(hop, src, dst, c.version, c.status, c.flag, duration,
+                                head.content_length or 0, c.tx, count)
+            else:
+                tel.end(hop, src=src, dst=dst, dst_version=c.version, status=c.status,
+                        flags=c.flag, start_time=time.time() - duration, duration=duration,
+                        rx_bytes=head.content_length or 0, tx_bytes=c.tx,
+                        method=head.method.decode("latin-1"), path=head.path,
+                        authority=(head.get(b"host") or b"").decode("latin-1"),
+                        upstream=str(c.upstream), request_id=c.request_id.decode("latin-1"),
+                        count=count)
 
     async def _proxy(self, c: _Downstream, rt: Runtime, head: RequestHead,
                      hop: Hop | None) -> bool:
@@ -442,7 +446,7 @@ class HttpProxy:
                             f"no healthy endpoint in {cluster.config.name}/{subset}", None)
         health = cluster.health[ep]
         health.active += 1
-        c.upstream, c.version = str(ep), subset
+        c.upstream, c.version = ep, subset  # str(ep) only if an access log asks
         try:
             per_try = route.route.retries.per_try_timeout
             if per_try is None:

@@ -31,8 +31,8 @@ class Overflow(Exception):
 
 
 class UpstreamConn:
-    __slots__ = ("breaker", "endpoint", "idle_since", "io", "reader", "requests", "stream",
-                 "wait_recv")
+    __slots__ = ("breaker", "endpoint", "idle_list", "idle_since", "io", "reader", "requests",
+                 "stream", "wait_recv")
 
     def __init__(self, stream: trio.abc.Stream, endpoint: Endpoint,
                  breaker: BreakerState) -> None:
@@ -46,6 +46,9 @@ class UpstreamConn:
         self.reader = ResponseReader()
         self.requests = 0
         self.idle_since = 0.0
+        # The pool's idle list for this endpoint, looked up once per connection rather
+        # than per release: Endpoint's hash is computed in Python on every dict lookup.
+        self.idle_list: list[UpstreamConn] = []
 
     def close(self) -> None:
         close_now(self.stream)
@@ -138,7 +141,9 @@ class Pool:
         elif self.ssl_context is not None:
             stream = trio.SSLStream(stream, self.ssl_context, server_hostname=ep.host)
         self.opened += 1
-        return UpstreamConn(stream, ep, breaker), False
+        conn = UpstreamConn(stream, ep, breaker)
+        conn.idle_list = self._idle.setdefault(ep, [])
+        return conn, False
 
     def _evict_idle(self, breaker: BreakerState) -> bool:
         for conns in self._idle.values():
@@ -154,7 +159,7 @@ class Pool:
             conn.close()
             return
         conn.idle_since = trio.current_time()
-        self._idle.setdefault(conn.endpoint, []).append(conn)
+        conn.idle_list.append(conn)
         if conn.breaker.pending:  # only waiters need waking; most releases have none
             conn.breaker.released.unpark()
 
@@ -162,4 +167,4 @@ class Pool:
         for conns in self._idle.values():
             for conn in conns:
                 conn.close()
-        self._idle.clear()
+            conns.clear()  # emptied in place: connections in use keep their list

@@ -467,7 +467,7 @@ class HttpProxy:
             if cluster.outlier.on_failure(ep):
                 self.stats.ejections += 1
                 log.warning("ejected %s from cluster %s (5xx)", ep, cluster.config.name)
-        else:
+        elif health.consecutive:  # on_success only resets this count: skip when it is 0
             cluster.outlier.on_success(ep)
         return out
 

@@ -86,19 +86,27 @@ class Pool:
         self._idle: dict[Endpoint, list[UpstreamConn]] = {}
         self.opened = 0
 
+    def take_idle(self, ep: Endpoint) -> UpstreamConn | None:
+        """A usable pooled connection to `ep`, or None: `acquire` without the coroutine,
+        for the common case (a coroutine's creation and run cost ~0.5 us a request)."""
+        idle = self._idle.get(ep)
+        if idle:
+            now = trio.current_time()
+            while idle:
+                conn = idle.pop()
+                age = now - conn.idle_since
+                if age < self.idle_timeout and (age < 1.0 or _still_open(conn)):
+                    return conn
+                conn.close()
+        return None
+
     async def acquire(self, ep: Endpoint, cluster: ClusterState,
                       fresh: bool = False) -> tuple[UpstreamConn, bool]:
         """Return (connection, reused)."""
         if not fresh:
-            idle = self._idle.get(ep)
-            if idle:
-                now = trio.current_time()
-                while idle:
-                    conn = idle.pop()
-                    age = now - conn.idle_since
-                    if age < self.idle_timeout and (age < 1.0 or _still_open(conn)):
-                        return conn, True
-                    conn.close()
+            pooled = self.take_idle(ep)
+            if pooled is not None:
+                return pooled, True
         breaker = cluster.breaker
         limits = cluster.config.circuit_breaker
         while breaker.open_connections >= limits.max_connections:

@@ -477,8 +477,12 @@ class HttpProxy:
         fresh = False
         while True:
             c.upstream_partial = c.body_unread = False
+            pooled = None if fresh else self.pool.take_idle(ep)
             try:
-                conn, reused = await self.pool.acquire(ep, cluster, fresh)
+                if pooled is not None:
+                    conn, reused = pooled, True
+                else:
+                    conn, reused = await self.pool.acquire(ep, cluster, fresh)
             except ConnectFailed as exc:
                 return _Failure(503, F.UPSTREAM_CONNECT_FAILURE, str(exc), "connect-failure")
             except Overflow as exc:

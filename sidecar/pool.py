@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import select
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -91,7 +92,7 @@ class Pool:
         for the common case (a coroutine's creation and run cost ~0.5 us a request)."""
         idle = self._idle.get(ep)
         if idle:
-            now = trio.current_time()
+            now = time.monotonic()  # the pool's own clock: cheaper than trio.current_time()
             while idle:
                 conn = idle.pop()
                 age = now - conn.idle_since
@@ -166,7 +167,7 @@ class Pool:
         if max_requests_per_connection and conn.requests >= max_requests_per_connection:
             conn.close()
             return
-        conn.idle_since = trio.current_time()
+        conn.idle_since = time.monotonic()
         conn.idle_list.append(conn)
         if conn.breaker.pending:  # only waiters need waking; most releases have none
             conn.breaker.released.unpark()

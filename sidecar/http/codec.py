@@ -216,10 +216,10 @@ class RequestReader(_Reader):
             # Request smuggling guard (RFC 9112 6.1): refuse rather than guess.
             self._error = ProtocolError(400, "DPE", "both Content-Length and chunked")
             raise self._error
+        # Positional: keyword arguments cost ~0.2 us more per head, twice a request.
         self.events.append((HEAD, RequestHead(
-            method=p.get_method(), target=self._url, version=p.get_http_version(),
-            headers=self._headers, keep_alive=p.should_keep_alive(), upgrade=p.should_upgrade(),
-            chunked=self._chunked, content_length=self._content_length)))
+            p.get_method(), self._url, p.get_http_version(), self._headers,
+            p.should_keep_alive(), p.should_upgrade(), self._chunked, self._content_length)))
 
     def on_body(self, body: bytes) -> None:
         if self.max_body_bytes is not None:
@@ -268,9 +268,8 @@ class ResponseReader(_Reader):
         status = p.get_status_code()
         self._status = status
         self.events.append((HEAD, ResponseHead(
-            status=status, reason=self._reason, version=p.get_http_version(),
-            headers=self._headers, keep_alive=p.should_keep_alive(), upgrade=p.should_upgrade(),
-            chunked=self._chunked, content_length=self._content_length)))
+            status, self._reason, p.get_http_version(), self._headers, p.should_keep_alive(),
+            p.should_upgrade(), self._chunked, self._content_length)))
         if self._head_request and status >= 200:
             self.events.append((END, None))
 

@@ -71,8 +71,13 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS  # utime, stime
 
 
 class Stack:
@@ -263,18 +268,21 @@ class Point:
     p90: float
     p99: float
     cpu_us_per_req: float  # all proxy processes together
+    sys_us_per_req: float = 0.0  # the kernel's share of it (system time)
 
 
 _UNITS = {"us": 1.0, "ms": 1000.0, "s": 1e6}
 
 
 def run_wrk(port: int, conns: int, seconds: float, pids: list[int]) -> Point:
-    before = sum(cpu_seconds(p) for p in pids)
+    before = [cpu_split(p) for p in pids]
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-H", "Host: upstream",
          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=seconds + 30,
         check=True).stdout
-    cpu = sum(cpu_seconds(p) for p in pids) - before
+    after = [cpu_split(p) for p in pids]
+    cpu = sum(u + s for u, s in after) - sum(u + s for u, s in before)
+    sys_cpu = sum(s for _, s in after) - sum(s for _, s in before)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -285,7 +293,8 @@ def run_wrk(port: int, conns: int, seconds: float, pids: list[int]) -> Point:
         m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         assert m is not None, out
         pct[label] = float(m.group(1)) * _UNITS[m.group(2)]
-    return Point(rps, pct["50"], pct["90"], pct["99"], cpu / max(total, 1) * 1e6)
+    return Point(rps, pct["50"], pct["90"], pct["99"], cpu / max(total, 1) * 1e6,
+                 sys_cpu / max(total, 1) * 1e6)
 
 
 def main() -> int:
@@ -400,7 +409,8 @@ def _median(points: list[Point]) -> Point:
 
     return Point(med([p.rps for p in points]), med([p.p50 for p in points]),
                  med([p.p90 for p in points]), med([p.p99 for p in points]),
-                 med([p.cpu_us_per_req for p in points]))
+                 med([p.cpu_us_per_req for p in points]),
+                 med([p.sys_us_per_req for p in points]))
 
 
 def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
@@ -411,7 +421,7 @@ def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
     print(f"\nwrk -t1, 1 KB body from nginx, {seconds:g} s per point, median of {rounds} "
           f"interleaved round(s), loopback, {os.cpu_count()} cores\n")
     print(f"{'setup':26} {'c':>3} {'rps':>9} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} "
-          f"{'+us/hop':>8} {'CPU us/req/hop':>15} {'CPU s/s per 1k rps':>19}")
+          f"{'+us/hop':>8} {'CPU us/req/hop':>15} {'of which sys':>13} {'CPU s/s per 1k rps':>19}")
     added: dict[str, float] = {}
     cpu: dict[str, float] = {}
     for name, _, hops, _ in setups:
@@ -420,6 +430,7 @@ def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
             plus = (p.p50 - direct_p50) / hops if hops and c == c1 else None
             per_hop = p.cpu_us_per_req / hops if hops else None
             per_1k = p.cpu_us_per_req * 1000 / 1e6 if hops else None
+            sys_hop = p.sys_us_per_req / hops if hops else None
             if plus is not None:
                 added[name] = plus
             if per_hop is not None and c == cmax:
@@ -427,6 +438,7 @@ def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
             print(f"{name:26} {c:>3} {p.rps:>9.0f} {p.p50:>8.0f} {p.p90:>8.0f} {p.p99:>8.0f} "
                   f"{'' if plus is None else f'{plus:.0f}':>8} "
                   f"{'' if per_hop is None else f'{per_hop:.1f}':>15} "
+                  f"{'' if sys_hop is None else f'{sys_hop:.1f}':>13} "
                   f"{'' if per_1k is None else f'{per_1k:.3f}':>19}")
     print("\nratios, sidecar / HAProxy (goal: latency <= 1.2x, requests per CPU-second >= 0.5x)")
     names = [name for name, _, _, _ in setups]

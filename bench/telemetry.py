@@ -337,7 +337,7 @@ def bench_sidecar(rounds: int, seconds: float, conns: int, baseline: str | None 
         dp.wait_port(nats_port)
         snap = tmp / "snapshot.yaml"
         snap.write_text(yaml_dump(dp.client_snapshot(upstream)))
-        setups = {}
+        setups: dict[str, tuple[int, int]] = {}
         variants: list[tuple[str, list[str], Path | None]] = [
             ("off", ["--no-telemetry"], None),
             ("on", ["--telemetry-nats", f"nats://127.0.0.1:{nats_port}"], None),

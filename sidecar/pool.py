@@ -87,16 +87,18 @@ class Pool:
         self._idle: dict[Endpoint, list[UpstreamConn]] = {}
         self.opened = 0
 
-    def take_idle(self, ep: Endpoint) -> UpstreamConn | None:
+    def take_idle(self, ep: Endpoint, check: bool = False) -> UpstreamConn | None:
         """A usable pooled connection to `ep`, or None: `acquire` without the coroutine,
-        for the common case (a coroutine's creation and run cost ~0.5 us a request)."""
+        for the common case (a coroutine's creation and run cost ~0.5 us a request).
+        `check`: make sure it is still open however briefly it was idle (for a request
+        that cannot be retried on a fresh connection, e.g. a streamed upload)."""
         idle = self._idle.get(ep)
         if idle:
             now = time.monotonic()  # the pool's own clock: cheaper than trio.current_time()
             while idle:
                 conn = idle.pop()
                 age = now - conn.idle_since
-                if age < self.idle_timeout and (age < 1.0 or _still_open(conn)):
+                if age < self.idle_timeout and ((age < 1.0 and not check) or _still_open(conn)):
                     return conn
                 conn.close()
         return None

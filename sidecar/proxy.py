@@ -477,7 +477,8 @@ class HttpProxy:
         fresh = False
         while True:
             c.upstream_partial = c.body_unread = False
-            pooled = None if fresh else self.pool.take_idle(ep)
+            # A streamed body cannot be sent again: no stale connection for it.
+            pooled = None if fresh else self.pool.take_idle(ep, body is None)
             try:
                 if pooled is not None:
                     conn, reused = pooled, True

@@ -374,9 +374,16 @@ def _get(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
+# Connection values that name no other header: the usual ones, answered without a set.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade", b"Keep-Alive", b"Close",
+                               b"Upgrade"})
+
+
 def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset[bytes] | None:
     for k, v in headers:
         if k == b"connection":
+            if v in _PLAIN_CONNECTION:
+                return None
             tokens = {t.strip().lower() for t in v.split(b",")}
             # Host must reach the upstream whatever the client lists in Connection.
             tokens -= {b"close", b"keep-alive", b"upgrade", b"host"}

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sidecar_helpers import Procs, Sidecar, raw_exchange, request, snapshot
 
 LIMITS = {"max_header_bytes": 2048, "max_body_bytes": 1_000_000, "header_timeout": 0.5,
-          "idle_timeout": 1.0}
+          "idle_timeout": 1.0, "stream_timeout": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -391,3 +391,13 @@ def test_early_answer_to_a_small_body_is_forwarded(side: Sidecar) -> None:
             assert "x-mesh-flags" not in headers
     finally:
         conn.close()
+
+
+def test_stalled_streamed_upload_gets_504(side: Sidecar) -> None:
+    # Chunked, so streamed (with the early-answer watch running): the client stops
+    # mid-body and the stream timeout answers.
+    reply = raw_exchange(side.inbound, b"POST /count HTTP/1.1\r\nhost: a\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n", timeout=8)
+    assert _status(reply) == 504
+    assert _header(reply, b"x-mesh-flags") == b"UT"
+    assert request(side.inbound, "/anything")[0] == 200

@@ -111,28 +111,37 @@ class _Reader:
         self._trailers = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # RequestReader has its own copy of this (plus the Host check): a super() call per
+        # header costs more than the rest of it.
         self._head_bytes += len(name) + len(value) + 4
         name = name.lower()
         if not self._in_head:
-            # llhttp reports a chunked message's trailer fields here too, after the body:
-            # kept apart (the head has been handed out already) and bounded like the head.
-            self._check_head_size()
-            if self._trailers is None:
-                self._trailers = []
-            self._trailers.append((name, value))
-            return
-        if name == b"content-length":
-            try:
-                n = int(value)
-            except ValueError:
-                n = -1
-            if n < 0 or (self._content_length is not None and self._content_length != n):
-                self._error = ProtocolError(400, "DPE", "invalid Content-Length")
-                raise self._error
-            self._content_length = n
-        elif name == b"transfer-encoding" and b"chunked" in value.lower():
-            self._chunked = True
-        self._headers.append((name, value))
+            self._trailer(name, value)
+        elif name == b"content-length":
+            self._set_length(value)
+            self._headers.append((name, value))
+        else:
+            if name == b"transfer-encoding" and b"chunked" in value.lower():
+                self._chunked = True
+            self._headers.append((name, value))
+
+    def _trailer(self, name: bytes, value: bytes) -> None:
+        # llhttp reports a chunked message's trailer fields as headers too, after the body:
+        # kept apart (the head has been handed out already) and bounded like the head.
+        self._check_head_size()
+        if self._trailers is None:
+            self._trailers = []
+        self._trailers.append((name, value))
+
+    def _set_length(self, value: bytes) -> None:
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0 or (self._content_length is not None and self._content_length != n):
+            self._error = ProtocolError(400, "DPE", "invalid Content-Length")
+            raise self._error
+        self._content_length = n
 
     def on_body(self, body: bytes) -> None:
         self.events.append((BODY, body))
@@ -180,19 +189,35 @@ class RequestReader(_Reader):
         self._parser = httptools.HttpRequestParser(self)
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # _Reader.on_message_begin's resets, inlined (no super() call per request).
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self._chunked = False
+        self._content_length = None
+        self._trailers = None
         self._url = b""
         self._body_bytes = 0
         self._hosts = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) == 4 and self._in_head and name.lower() == b"host":
+        # _Reader.on_header, inlined, plus the Host check.
+        self._head_bytes += len(name) + len(value) + 4
+        name = name.lower()
+        if not self._in_head:
+            self._trailer(name, value)
+            return
+        if name == b"host":
             self._hosts += 1
             if self._hosts > 1:
                 # RFC 9112 3.2: two Hosts let the proxy and the upstream disagree on the target.
                 self._error = ProtocolError(400, "DPE", "more than one Host header")
                 raise self._error
-        super().on_header(name, value)
+        elif name == b"content-length":
+            self._set_length(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            self._chunked = True
+        self._headers.append((name, value))
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -258,7 +283,13 @@ class ResponseReader(_Reader):
         self._reason = status
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # _Reader.on_message_begin's resets, inlined (no super() call per response).
+        self._headers = []
+        self._head_bytes = 0
+        self._in_head = True
+        self._chunked = False
+        self._content_length = None
+        self._trailers = None
         self._reason = b""
 
     def on_headers_complete(self) -> None:

@@ -64,6 +64,9 @@ class CompiledRoute:
         self.route = route
         self.cluster = cluster
         self.matcher = Matcher(route.match)
+        # How late the route timeout may fire (the proxy moves deadlines lazily): 5 % of
+        # it, at most 250 ms.
+        self.deadline_slack = min(0.25, route.timeout * 0.05)
         split = route.split or ((cluster.config.subsets[0][0], 1),)
         self.subsets = [name for name, w in split if w > 0]
         self._cumulative: list[int] = []

@@ -5,8 +5,8 @@ upstream serving 1 KB responses, `mesh sidecar` processes with routing and retri
 and HAProxy (Debian package) as the reference proxy. Load comes from `wrk -t1`.
 
     apt-get install -y wrk haproxy nginx
-    .venv/bin/python bench/dataplane.py            # 3 rounds x 3 s per point, ~2.5 min
-    .venv/bin/python bench/dataplane.py --quick    # 1 round x 2 s per point, ~40 s
+    .venv/bin/python bench/dataplane.py            # 3 rounds x 3 s per point, ~4 min
+    .venv/bin/python bench/dataplane.py --quick    # 1 round x 2 s per point, ~1 min
     .venv/bin/python bench/dataplane.py --mtls     # 2 hops: sidecar mTLS vs plaintext vs
                                                    # HAProxy mTLS (certs from our CA)
     .venv/bin/python bench/dataplane.py --baseline REV   # also the sidecar as of git REV

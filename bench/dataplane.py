@@ -5,10 +5,16 @@ upstream serving 1 KB responses, `mesh sidecar` processes with routing and retri
 and HAProxy (Debian package) as the reference proxy. Load comes from `wrk -t1`.
 
     apt-get install -y wrk haproxy nginx
-    .venv/bin/python bench/dataplane.py            # 3 rounds x 3 s per point, ~2.5 min
-    .venv/bin/python bench/dataplane.py --quick    # 1 round x 2 s per point, ~40 s
+    .venv/bin/python bench/dataplane.py            # 3 rounds x 3 s per point, ~4 min
+    .venv/bin/python bench/dataplane.py --quick    # 1 round x 2 s per point, ~1 min
     .venv/bin/python bench/dataplane.py --mtls     # 2 hops: sidecar mTLS vs plaintext vs
                                                    # HAProxy mTLS (certs from our CA)
+    .venv/bin/python bench/dataplane.py --baseline REV   # also the sidecar as of git REV
+                                                         # (before/after in one run)
+
+Also measured, 1 hop: a bare trio proxy (bench/floor_proxy.py: no routing, no telemetry,
+raw non-blocking sockets), the floor of any proxy written in Python on trio, and the
+sidecar with --no-telemetry.
 
 Reported per setup and concurrency: rps, p50/p90/p99, added p50 latency per hop at
 c=1 versus direct, and proxy CPU (sum of the proxy processes' utime+stime from
@@ -65,8 +71,13 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS  # utime, stime
 
 
 class Stack:
@@ -134,13 +145,31 @@ backend be
         return port, proc.pid
 
     def sidecar(self, service: str, app_port: int, snapshot: dict[str, object],
-                extra: tuple[str, ...] = ()) -> tuple[dict[str, int], int]:
+                extra: tuple[str, ...] = (), src: Path | None = None
+                ) -> tuple[dict[str, int], int]:
+        """A `mesh sidecar`; `src`: run the code in that tree instead (a --baseline)."""
         path = self.tmp / f"snapshot-{service}-{len(self.procs)}.yaml"
         path.write_text(yaml.safe_dump(snapshot))
+        env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
         proc = self.start([MESH, "sidecar", "--service", service, "--app-port", str(app_port),
                            "--config", str(path), "--outbound-port", "0",
-                           "--inbound-port", "0", "--admin-port", "0", *extra], cwd=ROOT)
+                           "--inbound-port", "0", "--admin-port", "0", *extra], cwd=ROOT,
+                          env=env)
         return self.ready_line(proc, f"sidecar {service}"), proc.pid
+
+    def floor_proxy(self, target: int) -> tuple[int, int]:
+        proc = self.start([sys.executable, str(ROOT / "bench" / "floor_proxy.py"),
+                           str(target)])
+        return int(self.ready_line(proc, "floor proxy")["outbound"]), proc.pid
+
+    def checkout(self, rev: str) -> Path:
+        """The tree at git `rev`, extracted for a --baseline sidecar."""
+        dest = self.tmp / f"src-{rev}"
+        dest.mkdir()
+        archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        return dest
 
     def ready_line(self, proc: subprocess.Popen[bytes], what: str) -> dict[str, Any]:
         assert proc.stdout is not None
@@ -242,18 +271,21 @@ class Point:
     p90: float
     p99: float
     cpu_us_per_req: float  # all proxy processes together
+    sys_us_per_req: float = 0.0  # the kernel's share of it (system time)
 
 
 _UNITS = {"us": 1.0, "ms": 1000.0, "s": 1e6}
 
 
 def run_wrk(port: int, conns: int, seconds: float, pids: list[int]) -> Point:
-    before = sum(cpu_seconds(p) for p in pids)
+    before = [cpu_split(p) for p in pids]
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency", "-H", "Host: upstream",
          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, timeout=seconds + 30,
         check=True).stdout
-    cpu = sum(cpu_seconds(p) for p in pids) - before
+    after = [cpu_split(p) for p in pids]
+    cpu = sum(u + s for u, s in after) - sum(u + s for u, s in before)
+    sys_cpu = sum(s for _, s in after) - sum(s for _, s in before)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -264,7 +296,8 @@ def run_wrk(port: int, conns: int, seconds: float, pids: list[int]) -> Point:
         m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         assert m is not None, out
         pct[label] = float(m.group(1)) * _UNITS[m.group(2)]
-    return Point(rps, pct["50"], pct["90"], pct["99"], cpu / max(total, 1) * 1e6)
+    return Point(rps, pct["50"], pct["90"], pct["99"], cpu / max(total, 1) * 1e6,
+                 sys_cpu / max(total, 1) * 1e6)
 
 
 def main() -> int:
@@ -277,6 +310,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, help="seconds per point")
     ap.add_argument("--conns", default="1,16,64", help="concurrency levels, comma separated")
     ap.add_argument("--only", help="measure only setups whose name contains this (plus direct)")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also run the sidecar as of this git revision (1 and 2 hops), "
+                         "for a before/after in the same run")
     ap.add_argument("--mtls", action="store_true",
                     help="the 2-hop path only: sidecars with mTLS (identities from a CA in a "
                          "control plane on NATS) vs plaintext vs HAProxy with mTLS (leaves of "
@@ -303,6 +339,9 @@ def main() -> int:
             setups += mtls_setups(stack, upstream)
         else:
             setups += plain_setups(stack, upstream)
+            if args.baseline:
+                setups += sidecar_setups(stack, upstream, f" @{args.baseline}",
+                                         stack.checkout(args.baseline))
         if args.only:
             setups = [x for x in setups if x[0] == "direct" or args.only in x[0]]
         for _name, port, _, pids in setups:
@@ -313,7 +352,7 @@ def main() -> int:
                 for name, port, _, pids in setups:
                     point = run_wrk(port, c, seconds, pids)
                     samples.setdefault((name, c), []).append(point)
-                    print(f"  round {r + 1}/{rounds} {name:20} c={c:<3} {point.rps:9.0f} rps",
+                    print(f"  round {r + 1}/{rounds} {name:26} c={c:<3} {point.rps:9.0f} rps",
                           file=sys.stderr, flush=True)
         results = {key: _median(points) for key, points in samples.items()}
         report(setups, conns, results, seconds, rounds)
@@ -349,12 +388,22 @@ def plain_setups(stack: Stack, upstream: int) -> list[tuple[str, int, int, list[
     h2b, h2bpid = stack.haproxy(upstream)
     h2a, h2apid = stack.haproxy(h2b)
     setups.append(("haproxy 2 hops", h2a, 2, [h2apid, h2bpid]))
-    one, one_pid = stack.sidecar("bench1", 1, client_snapshot(upstream))
-    setups.append(("sidecar 1 hop", one["outbound"], 1, [one_pid]))
-    server, server_pid = stack.sidecar("upstream", upstream, {"version": "bench"})
-    client, client_pid = stack.sidecar("bench2", 1, client_snapshot(server["inbound"]))
-    setups.append(("sidecar 2 hops", client["outbound"], 2, [client_pid, server_pid]))
+    floor, floor_pid = stack.floor_proxy(upstream)
+    setups.append(("trio floor 1 hop", floor, 1, [floor_pid]))
+    setups += sidecar_setups(stack, upstream)
+    quiet, quiet_pid = stack.sidecar("bench3", 1, client_snapshot(upstream), ("--no-telemetry",))
+    setups.append(("sidecar 1 hop no-tel", quiet["outbound"], 1, [quiet_pid]))
     return setups
+
+
+def sidecar_setups(stack: Stack, upstream: int, suffix: str = "", src: Path | None = None
+                   ) -> list[tuple[str, int, int, list[int]]]:
+    one, one_pid = stack.sidecar("bench1", 1, client_snapshot(upstream), src=src)
+    server, server_pid = stack.sidecar("upstream", upstream, {"version": "bench"}, src=src)
+    client, client_pid = stack.sidecar("bench2", 1, client_snapshot(server["inbound"]),
+                                       src=src)
+    return [(f"sidecar 1 hop{suffix}", one["outbound"], 1, [one_pid]),
+            (f"sidecar 2 hops{suffix}", client["outbound"], 2, [client_pid, server_pid])]
 
 
 def _median(points: list[Point]) -> Point:
@@ -363,7 +412,8 @@ def _median(points: list[Point]) -> Point:
 
     return Point(med([p.rps for p in points]), med([p.p50 for p in points]),
                  med([p.p90 for p in points]), med([p.p99 for p in points]),
-                 med([p.cpu_us_per_req for p in points]))
+                 med([p.cpu_us_per_req for p in points]),
+                 med([p.sys_us_per_req for p in points]))
 
 
 def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
@@ -373,8 +423,8 @@ def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
     direct_p50 = results[("direct", c1)].p50
     print(f"\nwrk -t1, 1 KB body from nginx, {seconds:g} s per point, median of {rounds} "
           f"interleaved round(s), loopback, {os.cpu_count()} cores\n")
-    print(f"{'setup':20} {'c':>3} {'rps':>9} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} "
-          f"{'+us/hop':>8} {'CPU us/req/hop':>15} {'CPU s/s per 1k rps':>19}")
+    print(f"{'setup':26} {'c':>3} {'rps':>9} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} "
+          f"{'+us/hop':>8} {'CPU us/req/hop':>15} {'of which sys':>13} {'CPU s/s per 1k rps':>19}")
     added: dict[str, float] = {}
     cpu: dict[str, float] = {}
     for name, _, hops, _ in setups:
@@ -383,23 +433,29 @@ def report(setups: list[tuple[str, int, int, list[int]]], conns: list[int],
             plus = (p.p50 - direct_p50) / hops if hops and c == c1 else None
             per_hop = p.cpu_us_per_req / hops if hops else None
             per_1k = p.cpu_us_per_req * 1000 / 1e6 if hops else None
+            sys_hop = p.sys_us_per_req / hops if hops else None
             if plus is not None:
                 added[name] = plus
             if per_hop is not None and c == cmax:
                 cpu[name] = per_hop
-            print(f"{name:20} {c:>3} {p.rps:>9.0f} {p.p50:>8.0f} {p.p90:>8.0f} {p.p99:>8.0f} "
+            print(f"{name:26} {c:>3} {p.rps:>9.0f} {p.p50:>8.0f} {p.p90:>8.0f} {p.p99:>8.0f} "
                   f"{'' if plus is None else f'{plus:.0f}':>8} "
                   f"{'' if per_hop is None else f'{per_hop:.1f}':>15} "
+                  f"{'' if sys_hop is None else f'{sys_hop:.1f}':>13} "
                   f"{'' if per_1k is None else f'{per_1k:.3f}':>19}")
     print("\nratios, sidecar / HAProxy (goal: latency <= 1.2x, requests per CPU-second >= 0.5x)")
-    for label in ("1 hop", "2 hops"):
-        s, h = f"sidecar {label}", f"haproxy {label}"
+    names = [name for name, _, _, _ in setups]
+    for s in names:
+        if not (s.startswith("sidecar") or s.startswith("trio")) or "mTLS" in s:
+            continue
+        label = "1 hop" if " 1 hop" in s else "2 hops"
+        h = f"haproxy {label}"
         if (s, cmax) not in results or (h, cmax) not in results:
             continue
         lat = added[s] / added[h] if added.get(h, 0) > 0 else float("nan")
         eff = cpu[h] / cpu[s] if cpu.get(s, 0) > 0 else float("nan")
         rps = results[(s, cmax)].rps / results[(h, cmax)].rps
-        print(f"  {label:6}: added p50 latency per hop at c={c1}: {lat:.2f}x   "
+        print(f"  {s:26}: added p50 latency per hop at c={c1}: {lat:.2f}x   "
               f"requests per CPU-second at c={cmax}: {eff:.2f}x   rps at c={cmax}: {rps:.2f}x")
     sm, hm = "sidecar 2 hops mTLS", "haproxy 2 hops mTLS"
     if sm in added and hm in added:

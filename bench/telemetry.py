@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def bench_request_path(calls: int) -> None:
         for _ in range(n):
             tracer.start_hop("GET /", None, None).finish(200)
 
-    alog = AccessLog(io.StringIO())
+    alog = AccessLog(io.StringIO())  # flushed in the loop: record + format + write
 
     def access(n: int) -> None:
         for i in range(n):
@@ -118,7 +119,7 @@ def bench_request_path(calls: int) -> None:
                 trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
             )
             if i & 1023 == 0:
-                alog._lines.clear()
+                alog.flush()  # formats and writes to the StringIO: the full cost of a line
 
     rec_ns = per_call_ns(record, calls)
     dict_ns = per_call_ns(dict_ref, calls)
@@ -297,7 +298,7 @@ def _dataplane() -> Any:
     return module
 
 
-def bench_sidecar(rounds: int, seconds: float, conns: int) -> None:
+def bench_sidecar(rounds: int, seconds: float, conns: int, baseline: str | None = None) -> None:
     import shutil
     import statistics
 
@@ -336,17 +337,22 @@ def bench_sidecar(rounds: int, seconds: float, conns: int) -> None:
         dp.wait_port(nats_port)
         snap = tmp / "snapshot.yaml"
         snap.write_text(yaml_dump(dp.client_snapshot(upstream)))
-        setups = {}
-        for name, extra in (
-            ("off", ["--no-telemetry"]),
-            ("on", ["--telemetry-nats", f"nats://127.0.0.1:{nats_port}"]),
-        ):
+        setups: dict[str, tuple[int, int]] = {}
+        variants: list[tuple[str, list[str], Path | None]] = [
+            ("off", ["--no-telemetry"], None),
+            ("on", ["--telemetry-nats", f"nats://127.0.0.1:{nats_port}"], None),
+        ]
+        if baseline:  # the same two, as of an older revision (before/after in one run)
+            src = stack.checkout(baseline)
+            variants += [(f"{n}@{baseline}", extra, src) for n, extra, _ in variants]
+        for name, extra, src in variants:
+            env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
             proc = stack.start(
                 [
                     dp.MESH,
                     "sidecar",
                     "--service",
-                    f"bench-{name}",
+                    f"bench-{len(setups)}",
                     "--app-port",
                     "1",
                     "--config",
@@ -360,12 +366,12 @@ def bench_sidecar(rounds: int, seconds: float, conns: int) -> None:
                     *extra,
                 ],
                 cwd=dp.ROOT,
+                env=env,
             )
-            line = proc.stdout.readline()
-            setups[name] = (json.loads(line)["outbound"], proc.pid)
+            setups[name] = (stack.ready_line(proc, f"sidecar {name}")["outbound"], proc.pid)
         for port, pid in setups.values():
             dp.run_wrk(port, conns, 1, [pid])  # warm up
-        samples: dict[str, list[Any]] = {"off": [], "on": []}
+        samples: dict[str, list[Any]] = {name: [] for name in setups}
         for _ in range(rounds):
             for name, (port, pid) in setups.items():
                 samples[name].append(dp.run_wrk(port, conns, seconds, [pid]))
@@ -377,16 +383,20 @@ def bench_sidecar(rounds: int, seconds: float, conns: int) -> None:
             )
             for n, pts in samples.items()
         }
-        for n in ("off", "on"):
+        for n in setups:
             rps, cpu, p50 = med[n]
             print(
-                f"telemetry {n:3s}  {rps:9.0f} rps   sidecar CPU {cpu:6.1f} µs/req   p50 {p50:6.0f} µs"
+                f"telemetry {n:14s}  {rps:9.0f} rps   sidecar CPU {cpu:6.1f} µs/req   p50 {p50:6.0f} µs"
             )
-        loss = 1 - med["on"][0] / med["off"][0]
-        print(
-            f"  rps loss with telemetry on: {loss * 100:.1f}%  (CPU +{med['on'][1] - med['off'][1]:.1f} µs/req); "
-            f"goal <= 10%: {'met' if loss <= 0.10 else 'NOT met'}"
-        )
+        for suffix in ("", f"@{baseline}") if baseline else ("",):
+            on, off = med["on" + suffix], med["off" + suffix]
+            loss = 1 - on[0] / off[0]
+            cpu_loss = 1 - off[1] / on[1]
+            print(
+                f"  {suffix or 'this tree'}: rps loss with telemetry on: {loss * 100:.1f}%, "
+                f"requests per CPU-second: -{cpu_loss * 100:.1f}% (CPU +{on[1] - off[1]:.1f} µs/req); "
+                f"goal <= 10%: {'met' if loss <= 0.10 else 'NOT met'}"
+            )
     finally:
         stack.close()
         if nats_proc is not None:
@@ -411,12 +421,13 @@ def main() -> None:
     p.add_argument("--skip-sidecar", action="store_true")
     p.add_argument("--rounds", type=int, default=3, help="rounds for (c)")
     p.add_argument("--point-seconds", type=float, default=3.0, help="seconds per wrk run in (c)")
+    p.add_argument("--baseline", metavar="REV", help="(c) also for the sidecar as of git REV")
     args = p.parse_args()
     bench_request_path(args.calls)
     if not args.skip_ingest:
         trio.run(bench_ingest, args.sidecars, args.seconds)
     if not args.skip_sidecar:
-        bench_sidecar(args.rounds, args.point_seconds, 16)
+        bench_sidecar(args.rounds, args.point_seconds, 16, args.baseline)
     print(json.dumps({"done": True}))
 
 

@@ -1,9 +1,9 @@
 """Access logs: one JSON object per request, to a file or stdout, optionally on NATS.
 
-The request path calls `AccessLog.record(...)`, which formats the line and
-appends it to an in-memory buffer (no I/O); the `run` task writes the buffer
-every `flush_interval` seconds and, when a bus is given, publishes each entry as
-an `accesslog` message on ``mesh.accesslog.<service>``. Fields (docs/telemetry.md):
+The request path calls `AccessLog.record(...)`, which only keeps the fields (no
+formatting, no I/O); the `run` task formats and writes them every
+`flush_interval` seconds and, when a bus is given, publishes each entry as an
+`accesslog` message on ``mesh.accesslog.<service>``. Fields (docs/telemetry.md):
 
 start_time (RFC 3339 UTC, ms), method, path, authority, protocol, status,
 response_flags, duration_ms, upstream (endpoint host:port, "" if none),
@@ -142,24 +142,24 @@ class AccessLog:
             raise ConfigError("publishing access-log entries needs the service name")
         self.bus = bus
         self.flush_interval = flush_interval
-        self._lines: list[str] = []
-        self._entries: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []  # record()'s fields, formatted by flush()
         self.dropped = 0
         self.written = 0
 
     def record(self, **fields: Any) -> None:
-        """Format one request's line (keywords of `entry`); written by the next flush."""
-        if len(self._lines) >= MAX_BUFFERED:
+        """Keep one request's fields (keywords of `entry`): the next flush formats and
+        writes the line, off the request path (formatting costs ~3 us a line)."""
+        if len(self._pending) >= MAX_BUFFERED:
             self.dropped += 1
             return
-        rec = entry(**fields)
-        self._lines.append(format_line(rec))
-        if self.bus is not None and self.subject:
-            self._entries.append(rec)
+        self._pending.append(fields)
 
     def flush(self) -> None:
-        lines, self._lines = self._lines, []
-        entries, self._entries = self._entries, []
+        pending, self._pending = self._pending, []
+        entries = [entry(**fields) for fields in pending]
+        lines = [format_line(rec) for rec in entries]
+        if not (self.bus is not None and self.subject):
+            entries = []
         if lines:
             try:
                 self.file.write("".join(lines))

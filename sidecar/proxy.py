@@ -25,7 +25,14 @@ from mesh.spiffe import SpiffeId
 from sidecar import flags as F
 from sidecar.budget import backoff_delay
 from sidecar.cluster import ClusterState
-from sidecar.fastio import close_now, io_for, set_nodelay, wait_recv_for
+from sidecar.fastio import (
+    FastSocket,
+    close_now,
+    io_for,
+    set_nodelay,
+    socket_stream,
+    wait_recv_for,
+)
 from sidecar.fault import decide
 from sidecar.http.codec import (
     BODY,
@@ -41,6 +48,7 @@ from sidecar.http.codec import (
     RequestReader,
     ResponseHead,
     encode_chunk,
+    last_chunk,
     local_response,
     request_head_bytes,
     response_head_bytes,
@@ -87,9 +95,9 @@ class _Failure:
 
 
 class _Downstream:
-    __slots__ = ("delayed", "dst", "flag", "idle_deadline", "io", "peer", "phase", "reader",
-                 "request_id", "responded", "scope", "src", "status", "stream", "tx", "upstream",
-                 "version", "wait_recv")
+    __slots__ = ("body_unread", "delayed", "dst", "flag", "idle_deadline", "io", "peer", "phase",
+                 "reader", "request_id", "responded", "scope", "src", "status", "stream", "tx",
+                 "upstream", "upstream_partial", "version", "wait_recv")
 
     def __init__(self, stream: trio.abc.Stream, reader: RequestReader,
                  scope: trio.CancelScope) -> None:
@@ -101,13 +109,18 @@ class _Downstream:
         self.phase = IDLE
         self.responded = False
         self.delayed = False
+        # The upstream answered before it had the whole request (e.g. 413 during an upload):
+        # that upstream connection cannot be reused, and if the client's body was not all
+        # read, neither can the client's.
+        self.upstream_partial = False
+        self.body_unread = False
         self.idle_deadline = math.inf
         self.peer: SpiffeId | None = None  # inbound over mTLS: the verified caller
         # What the client got, for telemetry (set where the response is sent).
         self.status = 0
         self.flag = ""
         self.tx = 0
-        self.upstream = ""
+        self.upstream: Endpoint | str = ""
         self.version = ""
         self.request_id = b""
         self.src: str | None = None
@@ -247,29 +260,33 @@ class HttpProxy:
         tel = self.telemetry
         if tel is None:
             return await self._proxy(c, rt, head, None)
-        started, wall = time.perf_counter(), time.time()
-        tp, ts = head.get(b"traceparent"), head.get(b"tracestate")
-        method = head.method.decode("latin-1")
-        hop = tel.begin(f"{method} {head.path}",
-                        tp.decode("latin-1") if tp is not None else None,
-                        ts.decode("latin-1") if ts is not None else None,
-                        outbound=self.outbound)
+        # One clock read at each end; the wall-clock start is derived only for a log line.
+        started = time.perf_counter()
+        hop = tel.begin_request(head.method, head.target, head.get(b"traceparent"),
+                                head.get(b"tracestate"), self.outbound)
         c.status, c.flag, c.tx, c.upstream, c.version = 0, "", 0, "", ""
         c.src, c.dst, c.request_id = None, "unknown", b""
         try:
             return await self._proxy(c, rt, head, hop)
         finally:
+            duration = time.perf_counter() - started
             if self.outbound:
                 src, dst = self.service_name, c.dst  # dst: the route's cluster
             else:
                 src, dst = c.src or "unknown", self.service_name
                 c.version = self.version
-            tel.end(hop, src=src, dst=dst, dst_version=c.version, status=c.status,
-                    flags=c.flag, start_time=wall, duration=time.perf_counter() - started,
-                    rx_bytes=head.content_length or 0, tx_bytes=c.tx, method=method,
-                    path=head.path, authority=(head.get(b"host") or b"").decode("latin-1"),
-                    upstream=c.upstream, request_id=c.request_id.decode("latin-1"),
-                    count=self.outbound or c.src is None)
+            count = self.outbound or c.src is None
+            if tel.access_log is None:
+                tel.end_request(hop, src, dst, c.version, c.status, c.flag, duration,
+                                head.content_length or 0, c.tx, count)
+            else:
+                tel.end(hop, src=src, dst=dst, dst_version=c.version, status=c.status,
+                        flags=c.flag, start_time=time.time() - duration, duration=duration,
+                        rx_bytes=head.content_length or 0, tx_bytes=c.tx,
+                        method=head.method.decode("latin-1"), path=head.path,
+                        authority=(head.get(b"host") or b"").decode("latin-1"),
+                        upstream=str(c.upstream), request_id=c.request_id.decode("latin-1"),
+                        count=count)
 
     async def _proxy(self, c: _Downstream, rt: Runtime, head: RequestHead,
                      hop: Hop | None) -> bool:
@@ -363,7 +380,13 @@ class HttpProxy:
         policy = route.route.retries
         cluster.budget.on_request()
         c.phase = UPSTREAM
-        c.scope.deadline = trio.current_time() + route.route.timeout
+        # Moved lazily, as nginx moves its timers (NGX_TIMER_LAZY_DELAY): a deadline
+        # already within [now + timeout, + slack] is kept, so on a busy connection the
+        # scope is touched a few times a second instead of per request (a move costs
+        # ~1.5 us). The route timeout therefore fires up to `deadline_slack` late.
+        want = trio.current_time() + route.route.timeout
+        if not want <= c.scope.deadline <= want + route.deadline_slack:
+            c.scope.deadline = want + route.deadline_slack
         drop = self._drop(c)
         head_bytes = request_head_bytes(head, extra, head.chunked, drop)
         mirror = route.route.mirror
@@ -372,6 +395,7 @@ class HttpProxy:
             self.mirror.maybe_send(mirror, rt.clusters.get(mirror.cluster), head, extra, drop,
                                    body, route.route.timeout)
         attempt = 0
+        exhausted = False  # a retryable outcome that was not retried: flagged URX
         while True:
             result = await self._attempt(c, head, head_bytes, body, route, cluster, fault)
             if isinstance(result, _Failure):
@@ -390,17 +414,24 @@ class HttpProxy:
                     await trio.sleep(backoff_delay(policy.backoff, attempt - 1, self._rng))
                     continue
                 self.stats.budget_exhausted += 1
+                exhausted = True
                 if isinstance(result, _Failure):
                     result.flag += "," + F.RETRY_EXHAUSTED
                     result.reason += " (retry budget exhausted)"
-            elif retryable and isinstance(result, _Failure) and policy.attempts > 1:
-                result.flag += "," + F.RETRY_EXHAUSTED
+            elif retryable and policy.attempts > 1:
+                exhausted = True
+                if isinstance(result, _Failure):
+                    result.flag += "," + F.RETRY_EXHAUSTED
             break
         if isinstance(result, _Failure):
             keep = body is not None  # a streamed body may be half read
             return await self._local(c, head, rid, result.status, result.flag,
                                      result.reason, keep)
         conn, resp = result
+        if exhausted:
+            # As Envoy does: the upstream's own answer is forwarded, marked as the last try.
+            _add_flag(resp, F.RETRY_EXHAUSTED)
+            c.flag = F.RETRY_EXHAUSTED
         return await self._respond(c, head, conn, resp, cluster)
 
     async def _attempt(self, c: _Downstream, head: RequestHead, head_bytes: bytes,
@@ -421,7 +452,7 @@ class HttpProxy:
                             f"no healthy endpoint in {cluster.config.name}/{subset}", None)
         health = cluster.health[ep]
         health.active += 1
-        c.upstream, c.version = str(ep), subset
+        c.upstream, c.version = ep, subset  # str(ep) only if an access log asks
         try:
             per_try = route.route.retries.per_try_timeout
             if per_try is None:
@@ -442,7 +473,7 @@ class HttpProxy:
             if cluster.outlier.on_failure(ep):
                 self.stats.ejections += 1
                 log.warning("ejected %s from cluster %s (5xx)", ep, cluster.config.name)
-        else:
+        elif health.consecutive:  # on_success only resets this count: skip when it is 0
             cluster.outlier.on_success(ep)
         return out
 
@@ -451,8 +482,14 @@ class HttpProxy:
                         route_timeout: float) -> _Failure | tuple[UpstreamConn, ResponseHead]:
         fresh = False
         while True:
+            c.upstream_partial = c.body_unread = False
+            # A streamed body cannot be sent again: no stale connection for it.
+            pooled = None if fresh else self.pool.take_idle(ep, body is None)
             try:
-                conn, reused = await self.pool.acquire(ep, cluster, fresh)
+                if pooled is not None:
+                    conn, reused = pooled, True
+                else:
+                    conn, reused = await self.pool.acquire(ep, cluster, fresh)
             except ConnectFailed as exc:
                 return _Failure(503, F.UPSTREAM_CONNECT_FAILURE, str(exc), "connect-failure")
             except Overflow as exc:
@@ -461,16 +498,25 @@ class HttpProxy:
             if not reused:
                 self.stats.upstream_connections += 1
             try:
-                if body is not None:
-                    await conn.io.send_all(head_bytes + body if body else head_bytes)
-                else:
-                    await conn.io.send_all(head_bytes)
-                    # A long upload gets stream_timeout; the route timeout then covers
-                    # the wait for the response.
-                    limits = self._runtime().limits
-                    c.scope.deadline = trio.current_time() + limits.stream_timeout
-                    await self._stream_request_body(c, conn, head.chunked)
-                    c.scope.deadline = trio.current_time() + route_timeout
+                try:
+                    if body is not None:
+                        await conn.io.send_all(head_bytes + body if body else head_bytes)
+                    else:
+                        await conn.io.send_all(head_bytes)
+                        # A long upload gets stream_timeout; the route timeout then covers
+                        # the wait for the response.
+                        limits = self._runtime().limits
+                        c.scope.deadline = trio.current_time() + limits.stream_timeout
+                        if not await self._stream_request_body(c, conn, head.chunked):
+                            c.upstream_partial = c.body_unread = True
+                        c.scope.deadline = trio.current_time() + route_timeout
+                except _IO_ERRORS:
+                    # The upstream may have answered early and closed (e.g. 413 before
+                    # reading the body): the kernel keeps what it sent readable after
+                    # the reset, so look for an answer before calling it a reset. (A
+                    # stale pooled connection reads as nothing: retried below.)
+                    c.upstream_partial = True
+                    c.body_unread = body is None
                 resp = await self._read_head(c, conn, head)
                 return conn, resp
             except ProtocolError as exc:
@@ -490,22 +536,47 @@ class HttpProxy:
                 raise
 
     async def _stream_request_body(self, c: _Downstream, conn: UpstreamConn,
-                                   chunked: bool) -> None:
-        events = c.reader.events
-        send = conn.io.send_all
-        while True:
-            if not events:
+                                   chunked: bool) -> bool:
+        """Send the body as the client sends it. Return False if the upstream spoke (an
+        early answer, or a close) before the whole body was sent."""
+        if await _send_queued_body(c, conn, chunked):
+            return True  # the whole body came with the head
+        sock = socket_stream(conn.stream)
+        if sock is None or not isinstance(conn.io, FastSocket):
+            # TLS: a readable socket may only be a session ticket, not an answer. An early
+            # answer is still seen when the upstream's close makes a send fail.
+            while True:
                 await c.recv_into_reader()
                 await trio.lowlevel.checkpoint()  # a fast client could otherwise hog the loop
-                continue
-            kind, value = events.popleft()
-            if kind == BODY:
-                assert isinstance(value, bytes)
-                await send(encode_chunk(value) if chunked else value)
-            elif kind == END:
-                if chunked:
-                    await send(LAST_CHUNK)
-                return
+                if await _send_queued_body(c, conn, chunked):
+                    return True
+        # While waiting for the client's next bytes, the upstream may answer (e.g. 413)
+        # and stop reading: one watcher task per streamed body (not per request) notices.
+        answered = False
+        error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                nonlocal answered
+                await trio.lowlevel.wait_readable(sock.socket)
+                answered = True
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                while True:
+                    await c.recv_into_reader()
+                    await trio.lowlevel.checkpoint()  # a fast client could otherwise hog the loop
+                    if await _send_queued_body(c, conn, chunked):
+                        break
+            except Exception as exc:
+                # Raised outside the nursery, so that callers see it bare, not in a group.
+                error = exc
+            nursery.cancel_scope.cancel()
+        if answered:
+            return False
+        if error is not None:
+            raise error
+        return True
 
     async def _read_head(self, c: _Downstream, conn: UpstreamConn,
                          head: RequestHead) -> ResponseHead:
@@ -548,13 +619,16 @@ class HttpProxy:
             framing = FRAME_CHUNKED
         else:
             framing = FRAME_CLOSE
-        keep = head.keep_alive and framing != FRAME_CLOSE and not head.upgrade
+        # body_unread: the rest of the request body would be read as the next request.
+        keep = head.keep_alive and framing != FRAME_CLOSE and not head.upgrade \
+            and not c.body_unread
         self.stats.responses[(self.listener, status)] += 1
         c.responded = True
         c.status = status
         c.phase = STREAMING
         out = [response_head_bytes(resp, framing, keep)]
         done = False
+        trailers: list[tuple[bytes, bytes]] | None = None
         long_body = False
         upgraded = b""
         try:
@@ -566,6 +640,7 @@ class HttpProxy:
                         c.tx += len(value)
                         out.append(encode_chunk(value) if framing == FRAME_CHUNKED else value)
                     elif kind == END:
+                        trailers = value  # type: ignore[assignment]
                         done = True
                         break
                     elif kind == UPGRADE:
@@ -577,7 +652,7 @@ class HttpProxy:
                     done = True  # no UPGRADE event: nothing after the head yet
                 if done:
                     if framing == FRAME_CHUNKED:
-                        out.append(LAST_CHUNK)
+                        out.append(last_chunk(trailers) if trailers else LAST_CHUNK)
                     await c.io.send_all(b"".join(out))
                     break
                 await c.io.send_all(b"".join(out) if len(out) > 1 else out[0])
@@ -608,7 +683,8 @@ class HttpProxy:
             await self._tunnel(c, conn, upgraded)
             return False
         conn.requests += 1
-        if resp.keep_alive and not until_close and not events and not head.upgrade:
+        if (resp.keep_alive and not until_close and not events and not head.upgrade
+                and not c.upstream_partial):
             if head.method == b"HEAD":
                 conn.reader = type(reader)()  # llhttp cannot reuse a parser after HEAD
             self.pool.release(conn, cluster.config.circuit_breaker.max_requests_per_connection)
@@ -643,6 +719,32 @@ class HttpProxy:
         c.tx = len(data)
         await c.io.send_all(data)
         return keep
+
+
+async def _send_queued_body(c: _Downstream, conn: UpstreamConn, chunked: bool) -> bool:
+    """Send the body bytes parsed so far; return True once the body's END was sent."""
+    events = c.reader.events
+    send = conn.io.send_all
+    while events:
+        kind, value = events.popleft()
+        if kind == BODY:
+            assert isinstance(value, bytes)
+            await send(encode_chunk(value) if chunked else value)
+        elif kind == END:
+            if chunked:
+                await send(last_chunk(value))  # type: ignore[arg-type]
+            return True
+    return False
+
+
+def _add_flag(resp: ResponseHead, flag: str) -> None:
+    """Add a flag to the response's x-mesh-flags (after an upstream sidecar's own)."""
+    headers = resp.headers
+    for i, (k, v) in enumerate(headers):
+        if k == b"x-mesh-flags":
+            headers[i] = (k, v + b"," + flag.encode())
+            return
+    headers.append((b"x-mesh-flags", flag.encode()))
 
 
 class _UpstreamClosed(Exception):

@@ -64,6 +64,9 @@ class CompiledRoute:
         self.route = route
         self.cluster = cluster
         self.matcher = Matcher(route.match)
+        # How late the route timeout may fire (the proxy moves deadlines lazily): 5 % of
+        # it, at most 250 ms.
+        self.deadline_slack = min(0.25, route.timeout * 0.05)
         split = route.split or ((cluster.config.subsets[0][0], 1),)
         self.subsets = [name for name, w in split if w > 0]
         self._cumulative: list[int] = []
@@ -87,18 +90,25 @@ class Router:
 
     def __init__(self) -> None:
         self.hosts: dict[str, list[CompiledRoute]] = {}
+        # Host header bytes as received -> routes, for hosts that have routes (so the
+        # cache is bounded by the snapshot, not by what clients send).
+        self._seen: dict[bytes, list[CompiledRoute]] = {}
 
     def find(self, head: RequestHead, source: str | None) -> CompiledRoute | None:
         host = head.get(b"host")
         if host is None:
             return None
-        name = host.decode("latin-1").lower()
-        routes = self.hosts.get(name)
+        routes = self._seen.get(host)
         if routes is None:
-            # "reviews:9080" and "reviews" name the same service.
-            routes = self.hosts.get(name.rsplit(":", 1)[0])
+            name = host.decode("latin-1").lower()
+            routes = self.hosts.get(name)
             if routes is None:
-                return None
+                # "reviews:9080" and "reviews" name the same service.
+                routes = self.hosts.get(name.rsplit(":", 1)[0])
+                if routes is None:
+                    return None
+            if len(self._seen) < 4 * len(self.hosts) + 64:
+                self._seen[host] = routes
         for r in routes:
             if r.matcher(head, source):
                 return r

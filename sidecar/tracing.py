@@ -195,6 +195,33 @@ class HopTracer:
             if not sampled:
                 span_id = f"{rng.getrandbits(64) | 1:016x}"
                 return Hop(None, parent.trace_id, span_id, parent.flags, state)
+        return self._span_hop(name, parent, state, kind, attributes)
+
+    def start_request_hop(
+        self,
+        method: bytes,
+        target: bytes,
+        traceparent: bytes | None,
+        tracestate: bytes | None,
+        kind: SpanKind,
+    ) -> Hop:
+        """`start_hop` for the proxy: header values as received, and the span name
+        ("METHOD /path") built only for a sampled hop. Same decisions, same ids."""
+        if traceparent is None:
+            rng = self._rng
+            if rng.random() >= self.sample_ratio:
+                ids = f"{rng.getrandbits(192) | _LOW_BITS:048x}"
+                return Hop(None, ids[:32], ids[32:], 0, "")
+            name = f"{method.decode('latin-1')} {target.split(b'?', 1)[0].decode('latin-1')}"
+            return self._span_hop(name, None, "", kind, None)
+        name = f"{method.decode('latin-1')} {target.split(b'?', 1)[0].decode('latin-1')}"
+        return self.start_hop(name, traceparent.decode("latin-1"),
+                              tracestate.decode("latin-1") if tracestate is not None else None,
+                              kind=kind)
+
+    def _span_hop(self, name: str, parent: TraceParent | None, state: str, kind: SpanKind,
+                  attributes: dict[str, Any] | None) -> Hop:
+        """A sampled hop: an SDK span, child of `parent` when there is one."""
         context = None
         if parent is not None:
             remote = SpanContext(

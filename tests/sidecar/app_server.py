@@ -7,7 +7,10 @@ Paths:
   /anything          200 JSON: name, method, path, headers
   /status/<code>     that status, JSON body
   /delay/<seconds>   sleeps, then 200
-  /count (POST/PUT)  reads the body (Content-Length or chunked), answers its length
+  /count (POST/PUT)  reads the body (Content-Length or chunked), answers its length and
+                     the chunked trailer fields it got ("trailers": {name: value})
+  /reject (POST/PUT) answers 413 after the head, without reading the body, and closes
+  /trailers          a chunked body followed by trailer fields x-checksum and x-count
   /bytes/<n>         n bytes of 'x' (query chunked=1: chunked encoding)
   /close/<n>         n bytes, no length, closes the connection to end the body
   /garbage           not HTTP
@@ -58,13 +61,15 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, body)
 
     def _read_body(self) -> int:
+        self.trailers: dict[str, str] = {}
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
             total = 0
             while True:
                 size = int(self.rfile.readline().split(b";")[0].strip(), 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
+                    while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                        k, _, v = line.decode("latin-1").partition(":")
+                        self.trailers[k.strip().lower()] = v.strip()
                     return total
                 left = size
                 while left:
@@ -102,12 +107,22 @@ class Handler(BaseHTTPRequestHandler):
         seen: dict[str, object] = {"path": self.path, "method": self.command,
                                    "headers": {k.lower(): v for k, v in self.headers.items()}}
         SEEN.append(seen)
+        if self.command in ("POST", "PUT") and path == "/reject":
+            self.close_connection = True  # the unread body makes the close a reset
+            return self._json(413)
+        if path == "/trailers":
+            self.send_response(200)
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("trailer", "x-checksum, x-count")
+            self.end_headers()
+            self.wfile.write(b"5\r\nhello\r\n0\r\nx-checksum: abc123\r\nx-count: 5\r\n\r\n")
+            return None
         if self.command in ("POST", "PUT"):
             n = self._read_body()
             seen["received"] = n
             if self.fail:
                 return self._json(500)
-            return self._json(200, received=n)
+            return self._json(200, received=n, trailers=self.trailers)
         if self.fail:
             return self._json(500)
         if path.startswith("/status/"):

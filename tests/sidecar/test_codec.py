@@ -18,6 +18,7 @@ from sidecar.http.codec import (
     ResponseHead,
     ResponseReader,
     encode_chunk,
+    last_chunk,
     local_response,
     request_head_bytes,
     response_head_bytes,
@@ -225,3 +226,20 @@ def test_two_host_headers_are_refused_and_connection_cannot_strip_host() -> None
     head = reader.events[0][1]
     out = request_head_bytes(head, [], chunked=False)  # type: ignore[arg-type]
     assert b"host: a\r\n" in out.lower() and b"x-drop" not in out.lower()
+
+
+def test_chunked_trailers_end_the_message_apart_from_the_head() -> None:
+    r = RequestReader()
+    r.feed(b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n0\r\nx-sum: abc\r\nhost: b\r\nconnection: x\r\n\r\n")
+    head, body, end = list(r.events)
+    assert isinstance(head[1], RequestHead)
+    assert head[1].headers == [(b"host", b"a"), (b"transfer-encoding", b"chunked")]
+    assert body == (BODY, b"hello")
+    assert end == (END, [(b"x-sum", b"abc"), (b"host", b"b"), (b"connection", b"x")])
+    # Routing and hop-by-hop fields are not forwarded as trailers.
+    assert last_chunk(end[1]) == b"0\r\nx-sum: abc\r\n\r\n"  # type: ignore[arg-type]
+    assert last_chunk(None) == b"0\r\n\r\n"
+    resp = ResponseReader()
+    resp.feed(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-t: 1\r\n\r\n")
+    assert list(resp.events)[-1] == (END, [(b"x-t", b"1")])

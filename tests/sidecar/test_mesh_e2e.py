@@ -67,6 +67,8 @@ class Mesh:
                     "backoff": {"base": 0.001, "max": 0.001}}}]},
                 {"name": "nobudget", "routes": [{"retries": {
                     "attempts": 3, "on": ["connect-failure"]}}]},
+                {"name": "failing", "routes": [{"retries": {
+                    "attempts": 2, "on": [500], "backoff": {"base": 0.001, "max": 0.001}}}]},
             ],
             clusters=[
                 {"name": "reviews", "subsets": {"v1": [ep(self.v1.inbound)],
@@ -88,6 +90,7 @@ class Mesh:
                  "circuit_breaker": {"max_requests": 1}},
                 {"name": "nobudget", "subsets": {"v1": [ep(_closed_port())]},
                  "retry_budget": {"ratio": 0, "min_per_second": 0}},
+                {"name": "failing", "subsets": {"v1": [ep(self.bad_app)]}},
             ]))
 
 
@@ -265,6 +268,16 @@ def test_retry_budget_exhausted(mesh: Mesh) -> None:
     status, headers, _ = request(mesh.client.outbound, "/", host="nobudget")
     assert (status, headers["x-mesh-flags"]) == (503, "UF,URX")
     assert "retry budget exhausted" in headers["x-mesh-reason"]
+
+
+def test_forwarded_5xx_after_the_last_retry_is_flagged_urx(mesh: Mesh) -> None:
+    retries = _metric(mesh.client.admin_get("/metrics")[1], "mesh_sidecar_retries_total")
+    status, headers, body = request(mesh.client.outbound, "/anything", host="failing")
+    # The app's own 500 (its body and headers), marked as what the last retry got.
+    assert (status, headers["x-app"], headers["x-mesh-flags"]) == (500, "bad", "URX")
+    assert json.loads(body)["name"] == "bad"
+    assert _metric(mesh.client.admin_get("/metrics")[1], "mesh_sidecar_retries_total") \
+        == retries + 1
 
 
 def _metric(text: bytes, name: str) -> float:

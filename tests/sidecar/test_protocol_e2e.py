@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sidecar_helpers import Procs, Sidecar, raw_exchange, request, snapshot
 
 LIMITS = {"max_header_bytes": 2048, "max_body_bytes": 1_000_000, "header_timeout": 0.5,
-          "idle_timeout": 1.0}
+          "idle_timeout": 1.0, "stream_timeout": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +323,81 @@ def test_idle_keep_alive_connection_is_closed(side: Sidecar) -> None:
         assert 0.8 < time.monotonic() - t0
     finally:
         conn.close()
+
+
+def test_chunked_trailers_are_forwarded_both_ways(side: Sidecar) -> None:
+    data = (b"POST /count HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n"
+            b"trailer: x-checksum\r\nconnection: close\r\n\r\n5\r\nhello\r\n"
+            b"0\r\nx-checksum: abc123\r\nhost: elsewhere\r\n\r\n")
+    reply = raw_exchange(side.inbound, data)
+    got = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert got["received"] == 5
+    # The checksum reached the app; a routing field in the trailers did not.
+    assert got["trailers"] == {"x-checksum": "abc123"}
+    reply = raw_exchange(side.inbound, b"GET /trailers HTTP/1.1\r\nhost: a\r\n"
+                                       b"connection: close\r\n\r\n")
+    assert _status(reply) == 200
+    assert reply.split(b"\r\n\r\n", 1)[1] == (
+        b"5\r\nhello\r\n0\r\nx-checksum: abc123\r\nx-count: 5\r\n\r\n")
+
+
+def test_trailers_do_not_leak_into_the_next_request(side: Sidecar) -> None:
+    # Keep-alive: after a request with trailers, the next one on the connection is clean.
+    first = (b"POST /count HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+             b"1\r\nx\r\n0\r\nx-late: 1\r\n\r\n")
+    second = b"GET /anything HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"
+    reply = raw_exchange(side.inbound, first + second)
+    bodies = [json.loads(part.split(b"\r\n\r\n", 1)[1].split(b"HTTP/1.1")[0])
+              for part in reply.split(b"HTTP/1.1 200")[1:]]
+    assert bodies[0]["trailers"] == {"x-late": "1"}
+    assert "x-late" not in bodies[1]["headers"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_early_answer_during_upload_is_forwarded(big: Sidecar, chunked: bool) -> None:
+    """The app answers 413 after the head without reading the body: the client gets that
+    answer (with connection: close), not a 503 reset made by the sidecar."""
+    framing = (b"transfer-encoding: chunked" if chunked
+               else b"content-length: %d" % (64 * 1024 * 1024))
+    part = b"u" * (256 * 1024)
+    with socket.create_connection(("127.0.0.1", big.inbound), timeout=10) as s:
+        s.sendall(b"POST /reject HTTP/1.1\r\nhost: a\r\n" + framing + b"\r\n\r\n")
+        s.sendall(b"%x\r\n%b\r\n" % (len(part), part) if chunked else part)
+        # The client now waits with its upload unfinished, as a client reading the
+        # answer early would; the sidecar must notice the app's answer by itself.
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            reply += chunk
+    assert _status(reply) == 413, reply[:300]
+    assert _header(reply, b"x-app") == b"app"
+    assert _header(reply, b"x-mesh-flags") is None
+    assert _header(reply, b"connection") == b"close"
+    assert request(big.inbound, "/anything")[0] == 200  # and the sidecar is fine
+
+
+def test_early_answer_to_a_small_body_is_forwarded(side: Sidecar) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", side.inbound, timeout=5)
+    try:
+        for _ in range(3):  # on fresh and on pooled upstream connections
+            status, headers, _ = request(side.inbound, "/reject", method="POST",
+                                         body=b"b" * 5000, conn=conn)
+            assert status == 413 and headers["x-app"] == "app"
+            assert "x-mesh-flags" not in headers
+    finally:
+        conn.close()
+
+
+def test_stalled_streamed_upload_gets_504(side: Sidecar) -> None:
+    # Chunked, so streamed (with the early-answer watch running): the client stops
+    # mid-body and the stream timeout answers.
+    reply = raw_exchange(side.inbound, b"POST /count HTTP/1.1\r\nhost: a\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n", timeout=8)
+    assert _status(reply) == 504
+    assert _header(reply, b"x-mesh-flags") == b"UT"
+    assert request(side.inbound, "/anything")[0] == 200

@@ -277,3 +277,26 @@ def test_the_fast_line_formatter_writes_what_json_dumps_would(
     assert line.endswith("\n") and "\n" not in line[:-1]
     assert json.loads(line) == rec
     assert json.loads(line) == json.loads(json.dumps(rec))
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0])
+@pytest.mark.parametrize("incoming", [None, TP, TP[:-2] + "00"])
+def test_request_hop_decides_like_start_hop(ratio: float, incoming: str | None) -> None:
+    """The proxy's bytes-in fast path takes the same decisions and draws the same ids."""
+    import random
+
+    from opentelemetry.trace import SpanKind
+
+    a = HopTracer("svc", sample_ratio=ratio, rng=random.Random(7))
+    b = HopTracer("svc", sample_ratio=ratio, rng=random.Random(7))
+    slow = a.start_hop("GET /p", incoming, "k=v" if incoming else None, kind=SpanKind.CLIENT)
+    fast = b.start_request_hop(b"GET", b"/p?q=1", incoming.encode() if incoming else None,
+                               b"k=v" if incoming else None, SpanKind.CLIENT)
+    assert (fast.sampled, fast.tracestate) == (slow.sampled, slow.tracestate)
+    if not slow.sampled:  # SDK spans draw their ids from the SDK's own generator
+        assert (fast.trace_id, fast.span_id, fast.traceparent) == (
+            slow.trace_id, slow.span_id, slow.traceparent)
+    fast.finish(200)
+    slow.finish(200)
+    names = [s.name for s in b.collector.take()]
+    assert names == (["GET /p"] if fast.sampled else [])

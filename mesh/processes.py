@@ -13,6 +13,7 @@ by themselves (`mesh.signals.cancel_on_signals`).
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -101,9 +102,43 @@ async def terminate_all(processes: list[trio.Process], grace: float = 5.0) -> No
                 await p.wait()
 
 
+# Planned ports come from below the kernel's ephemeral range: a port picked now and bound
+# later by another process can then not be taken meanwhile as the local port of some outgoing
+# connection (seen: a demo sidecar whose planned inbound port went to a NATS client socket).
+PLANNED_PORTS_FROM = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago. Races are possible but rare on loopback."""
+    """A port that was free a moment ago, for a process to bind soon, never handed out
+    twice by this process. Races with other processes picking ports are possible but rare."""
+    low = _ephemeral_low()
+    if low - PLANNED_PORTS_FROM >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(100):
+            port = rng.randrange(PLANNED_PORTS_FROM, low)
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        port = s.getsockname()[1]
+    _handed_out.add(port)
+    return int(port)

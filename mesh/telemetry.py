@@ -16,7 +16,9 @@ On the wire it is an ordinary mesh message (docs/messages.md), msgpack
     ``flags`` map {response flags: count}; optional ``tcp`` map (opaque TCP, see
     TCP_KEYS): {"opened", "closed", "sent", "received", "denied"} counts. A TCP-only
     pair has ``n`` = 0, so a reader that ignores ``tcp`` sees no requests there;
-    optional ``retries`` int: tries sent again after a failed try (absent: 0).
+    optional ``retries`` int: tries sent again after a failed try (absent: 0); a
+    try that failed before an endpoint was picked (an injected abort) counts under
+    ``ver`` "", so a row may carry only ``retries``.
 
 Counts are deltas for the interval, never cumulative: a reader adds them up.
 """
@@ -89,7 +91,7 @@ def build_batch(
         ts=ts,
         interval=interval,
         hist=dict(HIST_SCHEME),
-        pairs=[pair_row(k, a) for k, a in pairs.items() if a.requests or a.tcp],
+        pairs=[pair_row(k, a) for k, a in pairs.items() if a.requests or a.tcp or a.retries],
     )
 
 

@@ -342,6 +342,7 @@ class HttpProxy:
         cluster = route.cluster
         breaker = cluster.breaker
         if breaker.active_requests >= cluster.config.circuit_breaker.max_requests:
+            self._count_overflow(cluster)
             return await self._local(c, head, rid, 503, F.UPSTREAM_OVERFLOW,
                                      f"cluster {cluster.config.name!r}: max_requests reached",
                                      not head.has_body)
@@ -410,6 +411,9 @@ class HttpProxy:
                     if not isinstance(result, _Failure):
                         result[0].close()  # the unread response body makes it unusable
                     self.stats.retries += 1
+                    if self.telemetry is not None:  # rare: off the common path
+                        self.telemetry.recorder.retry(self.service_name, cluster.config.name,
+                                                      c.version)
                     attempt += 1
                     await trio.sleep(backoff_delay(policy.backoff, attempt - 1, self._rng))
                     continue
@@ -466,16 +470,27 @@ class HttpProxy:
         finally:
             health.active -= 1
         if isinstance(out, _Failure):
-            if out.flag != F.UPSTREAM_OVERFLOW and cluster.outlier.on_failure(ep):
-                self.stats.ejections += 1
+            if out.flag == F.UPSTREAM_OVERFLOW:
+                self._count_overflow(cluster)
+            elif cluster.outlier.on_failure(ep):
+                self._count_ejection(cluster)
                 log.warning("ejected %s from cluster %s", ep, cluster.config.name)
         elif out[1].status >= 500:
             if cluster.outlier.on_failure(ep):
-                self.stats.ejections += 1
+                self._count_ejection(cluster)
                 log.warning("ejected %s from cluster %s (5xx)", ep, cluster.config.name)
         elif health.consecutive:  # on_success only resets this count: skip when it is 0
             cluster.outlier.on_success(ep)
         return out
+
+    def _count_ejection(self, cluster: ClusterState) -> None:
+        self.stats.ejections += 1
+        if self.telemetry is not None:
+            self.telemetry.recorder.ejection(cluster.config.name)
+
+    def _count_overflow(self, cluster: ClusterState) -> None:
+        if self.telemetry is not None:
+            self.telemetry.recorder.overflow(cluster.config.name)
 
     async def _exchange(self, c: _Downstream, head: RequestHead, head_bytes: bytes,
                         body: bytes | None, cluster: ClusterState, ep: Endpoint,

@@ -130,8 +130,15 @@ class Recorder:
         self.tcp.add("source", self.service, dst, "", closed=1, sent=tx_bytes,
                      received=rx_bytes)
 
-    def retry(self, dst: str) -> None:
+    def retry(self, src: str, dst: str, dst_version: str) -> None:
+        """A try to `dst`/`dst_version` failed and is sent again: per destination for
+        /metrics, and per pair in the batch (the aggregator's actual success rate)."""
         self.retries[dst] = self.retries.get(dst, 0) + 1
+        key = (src, dst, dst_version)
+        agg = self.current.get(key)
+        if agg is None:
+            agg = self.current[key] = PairAgg()
+        agg.retries += 1
 
     def ejection(self, dst: str) -> None:
         self.ejections[dst] = self.ejections.get(dst, 0) + 1

@@ -283,6 +283,14 @@ async def test_readme_walkthrough_on_the_live_demo(tmp_path: Path) -> None:
         hidden = await load(300)
         assert hidden["statuses"] == {"200": 300}, hidden
         assert await retries() > before
+        # `mesh top` shows what the retries hid: callers saw 100%, the tries did not.
+        with trio.fail_after(30):
+            while True:
+                edge = {(e["src"], e["dst"]): e for e in await d.top()}.get(("catalog", "ratings"))
+                if edge is not None and edge["retries"] > 0:
+                    break
+                await trio.sleep(0.5)
+        assert edge["success_rate"] == 1.0 and edge["actual_success_rate"] < 1.0, edge
 
         # The same fault without retries: failures reach the client as 500 (about 10%), and
         # `mesh top` shows the catalog -> ratings edge below 100%.

@@ -141,7 +141,7 @@ async def test_sidecar_metrics_families_follow_prometheus_conventions() -> None:
     r.record("frontend", "backend", "v1", 0, "UF", 0.001)
     r.tcp_open("backend")
     r.tcp_close("backend", 10, 20)
-    r.retry("backend")
+    r.retry("frontend", "backend", "v1")
     r.ejection("backend")
     r.overflow("backend")
     r.config_version = "v42"

@@ -293,6 +293,10 @@ class _ConfigState:
             req = d.body
             if not isinstance(req, SnapshotRequest):
                 continue
+            if not self.sync.acceptable(req):
+                log.warning("snapshot request with unusable names dropped (service %r, "
+                            "instance %r)", req.service[:64], req.instance[:64])
+                continue
             if self.sync.on_request(req, self.now()):
                 self.mark_dirty()
             await self.warm.wait()

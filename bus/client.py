@@ -39,9 +39,14 @@ from bus.errors import (
 from bus.subscription import Delivery, Overflow, Subscription, message_decoder, raw_decoder
 from mesh.concurrency import unwrap_single
 from mesh.errors import BusError
+from mesh.logthrottle import LogThrottle, held_note
 from mesh.messages import MAX_MESSAGE_BYTES, Message, MessageTooLarge, decode_as, encode
 
 log = logging.getLogger("mesh.bus")
+# Every requester's replies come to an inbox: nats-py's default `_INBOX.` or the per-user
+# `_INBOX.<user>.` prefix the mesh's NATS users are given (bus/auth.py).
+REPLY_PREFIX = "_INBOX."
+_reply_throttle = LogThrottle()
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
@@ -110,6 +115,7 @@ class BusStats:
     publish_errors: int = 0
     reconnects: int = 0
     async_errors: int = 0
+    replies_refused: int = 0  # requests whose reply subject was not an inbox
     drops: Counter[str] = field(default_factory=Counter)
 
 
@@ -392,8 +398,23 @@ class Bus:
             raise BusTimeout(f"NATS did not confirm published messages within {timeout:g} s")
 
     def reply(self, delivery: Delivery[Any], message: Message | bytes) -> None:
-        if delivery.reply:
-            self.publish_nowait(delivery.reply, message)
+        """Answer a request on its reply subject, which must be an inbox.
+
+        NATS does not check the reply subject a requester sets, so without this check a
+        client allowed to send a request could have this connection's answer published
+        anywhere this connection may publish (e.g. `$KV.mesh_ca.ca`, overwriting the sealed
+        CA key, or another service's config subject)."""
+        if not delivery.reply:
+            return
+        if not delivery.reply.startswith(REPLY_PREFIX):
+            self.stats.replies_refused += 1
+            logged, held = _reply_throttle.allow("reply")
+            if logged:
+                log.warning("not answering a request on %s: its reply subject %r is not an "
+                            "inbox (%s...)%s", delivery.subject, delivery.reply, REPLY_PREFIX,
+                            held_note(held))
+            return
+        self.publish_nowait(delivery.reply, message)
 
     # -- subscribe --------------------------------------------------------
 

@@ -11,6 +11,7 @@ Nothing here does I/O or reads a clock: callers pass `now`.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,9 @@ from typing import Any
 from mesh.compile import Compiled, Registration
 from mesh.errors import ConfigError
 from mesh.messages import ConfigAck, ConfigHeartbeat, SnapshotPush, SnapshotRequest
+
+# What bus/subjects.py accepts as one subject token.
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 
 # Snapshot sections that are lists of named items, diffed item by item.
 LIST_SECTIONS = ("services", "clusters", "tcp")
@@ -143,6 +147,10 @@ class ClientSync:
     def on_push(self, push: SnapshotPush) -> Action:
         if push.instance and push.instance != self.instance:
             return Ignore("for another instance")
+        if push.service != self.service:
+            # Pushes travel on per-service subjects; one for another service here was sent
+            # by someone else: applying it would swap this sidecar's policy for that one's.
+            return Ignore(f"for service {push.service!r}, not {self.service!r}")
         if push.version == self.version:
             return Ignore(f"already at {push.version}")
         if push.version == self.nacked:
@@ -236,7 +244,8 @@ class ServerSync:
         return {p.service for p in self.peers.values()}
 
     def _touch(self, m: SnapshotRequest | ConfigHeartbeat, now: float, interval: float) -> bool:
-        """Record a sidecar; True if the registry (endpoints) changed."""
+        """Record a sidecar; True if the registry (endpoints) changed. `m` was checked by
+        `acceptable`."""
         p = self.peers.get(m.instance)
         key = (m.service, m.label, m.address)
         if p is None:
@@ -249,8 +258,16 @@ class ServerSync:
         p.last_seen, p.interval = now, interval
         return changed
 
+    @staticmethod
+    def acceptable(m: SnapshotRequest | ConfigHeartbeat) -> bool:
+        """Service and instance names become NATS subject tokens (the push subject): a
+        message with names that cannot must be dropped, not registered."""
+        return bool(_NAME.match(m.service)) and bool(_NAME.match(m.instance))
+
     def on_request(self, req: SnapshotRequest, now: float) -> bool:
         """A sidecar asked for a full snapshot; True if the registry changed."""
+        if not self.acceptable(req):
+            return False
         changed = self._touch(
             req, now, self.peers[req.instance].interval if req.instance in self.peers else 1.0
         )
@@ -278,6 +295,8 @@ class ServerSync:
         A sidecar whose acked version is not the current one, that did not refuse the current
         one, and was not sent anything lately, gets a full snapshot: this heals lost pushes
         and a control-plane restart."""
+        if not self.acceptable(hb):
+            return False, None
         if hb.leaving:
             return self.peers.pop(hb.instance, None) is not None, None
         changed = self._touch(hb, now, hb.interval)

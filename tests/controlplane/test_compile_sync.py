@@ -344,3 +344,28 @@ def test_no_heal_while_a_delta_may_be_in_flight() -> None:
     assert s.on_heartbeat(hb("r1", acked=v1, address="127.0.0.1:1001"), now=10.5) == (False, None)
     _, heal = s.on_heartbeat(hb("r1", acked=v1, address="127.0.0.1:1001"), now=12.5)
     assert heal is not None and heal.version == push.version and heal.instance == "r1"
+
+
+def test_a_push_for_another_service_is_ignored() -> None:
+    # Someone with bus access sent frontend's snapshot to productpage's subject: applying
+    # it would replace productpage's authorization and mTLS with frontend's.
+    c = client()
+    other = SnapshotPush(service="frontend", version="f", base="", nonce="nf", full=True,
+                         body={"version": "f", "services": []})
+    act = c.on_push(other)
+    assert isinstance(act, Ignore) and "frontend" in act.reason and c.version == ""
+
+
+def test_registrations_with_names_unusable_in_subjects_are_dropped() -> None:
+    s = ServerSync()
+    bad = [ConfigHeartbeat(instance="i-1", service="x.y", label="v1", address="127.0.0.1:1"),
+           ConfigHeartbeat(instance="a>b", service="ok", label="v1", address="127.0.0.1:1"),
+           ConfigHeartbeat(instance="", service="ok", label="v1")]
+    for hb in bad:
+        assert s.on_heartbeat(hb, 1.0) == (False, None)
+    req = SnapshotRequest(instance="i-2", service="*", label="v1", address="", admin="",
+                          have="", reason="start")
+    assert s.on_request(req, 1.0) is False
+    assert s.peers == {}
+    good = ConfigHeartbeat(instance="i-1", service="ok", label="v1", address="127.0.0.1:1")
+    assert s.on_heartbeat(good, 1.0)[0] is True

@@ -88,3 +88,57 @@ async def test_sidecar_user_gets_a_certificate_and_follows_a_rotation(
         )
         assert not reply.ok
         nursery.cancel_scope.cancel()
+
+
+async def test_a_sidecar_cannot_aim_a_control_plane_answer_at_a_kv_key(
+    locked: tuple[str, dict[str, str]],
+) -> None:
+    """NATS does not check a request's reply subject: a sidecar user once had the CA leader
+    publish its refusal onto `$KV.mesh_ca.ca`, destroying the sealed CA key. Answers now go
+    to inboxes only."""
+    import nats
+    import trio_asyncio
+
+    from bus.auth import load_credentials
+    from bus.kv import open_kv
+    from mesh import pki
+    from mesh.messages import encode
+
+    url, files = locked
+    async with (
+        connect(url, creds_file=files["controlplane"]) as cp,
+        trio.open_nursery() as nursery,
+    ):
+        ca = CaActor(CaConfig(secret=SECRET, trust_domain=TD, lease_ttl=1.0))
+        await nursery.start(ca.run, ActorContext(bus=cp, replica="cp-1"))
+        with trio.fail_after(10):
+            await ca.leading.wait()
+        kv = await open_kv(cp, subjects.KV_CA, direct=True)
+        before = await kv.get("ca")
+        assert before is not None
+
+        # A raw NATS client with sidecar credentials, choosing the reply subject.
+        creds = load_credentials(Path(files["sidecar-a"]))
+        junk = encode(CsrRequest(identity=f"spiffe://{TD}/ns/x/sa/y", csr=b"junk", token="x"))
+        async with trio_asyncio.open_loop():
+            nc = await trio_asyncio.aio_as_trio(nats.connect)(
+                url, user=creds.user, password=creds.password, inbox_prefix=creds.inbox_prefix)
+            try:
+                for target in (f"$KV.{subjects.KV_CA}.ca", f"$KV.{subjects.KV_CA}.bundle",
+                               "mesh.config.push.payments"):
+                    await trio_asyncio.aio_as_trio(nc.publish)(subjects.CA_SIGN, junk,
+                                                               reply=target)
+                await trio_asyncio.aio_as_trio(nc.flush)()
+                # A real request from the same client is still answered (a refusal here).
+                answer = await trio_asyncio.aio_as_trio(nc.request)(subjects.CA_SIGN, junk,
+                                                                    timeout=5)
+                assert b"csr" in answer.data
+            finally:
+                await trio_asyncio.aio_as_trio(nc.close)()
+        with trio.fail_after(10):
+            while cp.stats.replies_refused < 3:
+                await trio.sleep(0.05)
+        after = await kv.get("ca")
+        assert after is not None and after.revision == before.revision
+        assert pki.unseal_ca(after.value, SECRET).trust_domain == TD
+        nursery.cancel_scope.cancel()

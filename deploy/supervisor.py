@@ -46,10 +46,13 @@ class ChildProcess:
         backoff_cap: float = 10.0,
         ready_port: int | None = None,
         stable_after: float = 10.0,
+        withhold_env: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.env = env
+        # Variables of ours this child must not inherit (an app gets no mesh secrets).
+        self.withhold_env = tuple(withhold_env)
         self.restart = restart
         self.ready_timeout = ready_timeout
         self.startup_attempts = startup_attempts
@@ -77,7 +80,8 @@ class ChildProcess:
             ready = trio.Event()
             timed_out = False
             ready_at = 0.0
-            env = {**os.environ, **(self.env or {})}
+            env = {k: v for k, v in os.environ.items() if k not in self.withhold_env}
+            env.update(self.env or {})
             self.process = await open_child(self.argv, env, stdout=subprocess.PIPE)
             try:
                 async with trio.open_nursery() as nursery:

@@ -32,6 +32,10 @@ from mesh.cli.token_cmd import create_token, trust_domain_of_running_ca
 from mesh.errors import ConfigError
 from mesh.spiffe import SpiffeId
 
+# The mesh's secrets (the CA sealing secret, NATS credentials) are for the mesh's own
+# processes; an app written without mesh code needs none of them.
+APP_WITHHELD_ENV = ("MESH_CA_SECRET", "MESH_CA_SECRET_FILE", CREDS_ENV)
+
 # Redemptions per sidecar in a service account's token: its first start plus restarts by
 # the supervisor (each restart is a new process with a new key, so a new first certificate).
 TOKEN_USES_PER_SIDECAR = 4
@@ -218,7 +222,8 @@ async def run_topology(
     children: dict[str, ChildProcess] = {}
     async with trio.open_nursery() as nursery:
         apps = [
-            ChildProcess(f"{inst.name}/app", inst.app_argv, env=inst.env, ready_port=inst.app_port)
+            ChildProcess(f"{inst.name}/app", inst.app_argv, env=inst.env, ready_port=inst.app_port,
+                         withhold_env=APP_WITHHELD_ENV)
             for inst in plan.instances
             if inst.has_app
         ]

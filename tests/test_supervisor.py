@@ -104,3 +104,22 @@ def zombie(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] == "Z"
     except OSError:
         return True
+
+
+async def test_withheld_variables_do_not_reach_the_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deploy.topology_run import APP_WITHHELD_ENV
+
+    monkeypatch.setenv("MESH_CA_SECRET", "x" * 32)
+    monkeypatch.setenv("MESH_NATS_CREDS", "/somewhere/controlplane.json")
+    monkeypatch.setenv("HARMLESS", "kept")
+    script = ("import json, os; print(json.dumps({'event': 'ready', 'env': sorted(k for k in "
+              "os.environ if k.startswith(('MESH_', 'HARMLESS')))}), flush=True); input()")
+    child = ChildProcess("app", [sys.executable, "-c", script], env={"MESH_APP_OWN": "1"},
+                         withhold_env=APP_WITHHELD_ENV)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(child.run)
+        ready = json.loads(next(line for line in child._output if '"ready"' in line))
+        child.stop()
+        nursery.cancel_scope.cancel()
+    assert "MESH_CA_SECRET" not in ready["env"] and "MESH_NATS_CREDS" not in ready["env"]
+    assert "HARMLESS" in ready["env"] and "MESH_APP_OWN" in ready["env"]

@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from bus.client import connect
+from bus.errors import KVError
 from bus.kv import open_kv
 from bus.server import NatsCluster
 from mesh.messages import Blob
@@ -53,6 +54,14 @@ async def test_cluster_survives_one_node_killed(nats_cluster: NatsCluster) -> No
                 except Exception:
                     await trio.sleep(0.2)
         assert entry is not None and entry.value == b"v1"
-        await kv.put("config", b"v2")
+        # A write needs the stream's leader: if the victim led it, the survivors elect a
+        # new one first (seconds on a loaded machine), and a put meanwhile gets no response.
+        with trio.fail_after(20):
+            while True:
+                try:
+                    await kv.put("config", b"v2")
+                    break
+                except KVError:
+                    await trio.sleep(0.2)
         entry = await kv.get("config")
         assert entry is not None and entry.value == b"v2"

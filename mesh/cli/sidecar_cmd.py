@@ -106,8 +106,6 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
-                ready = False
-
                 # Signals are handled from the start: a sidecar still waiting for its first
                 # certificate or for NATS must stop on SIGTERM, not after its deadline.
                 async def handle_signals() -> None:
@@ -115,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
                         if signum == signal.SIGHUP:
                             sidecar.reload()
                         else:
-                            if sync is not None and ready:
+                            if sync is not None:
+                                # Tells the control plane and closes the bus from inside
+                                # the sync task (sync_client.py says why), then returns.
                                 await sync.leave()
                             nursery.cancel_scope.cancel()
                             return
@@ -142,7 +142,6 @@ def run(args: argparse.Namespace) -> int:
                         raise ConfigError(f"--ready-file {args.ready_file}: cannot write: "
                                           f"{exc.strerror}") from None
                 print(line, flush=True)
-                ready = True
 
     try:
         trio.run(main)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ from mesh.cli.sidecar_identity import add_identity_flags, identity_config, run_i
 from mesh.errors import ConfigError, MeshError
 from mesh.signals import watch_parent
 from mesh.snapshot import Snapshot, load_snapshot
+
+log = logging.getLogger("mesh.sidecar")
 
 
 def register(sub: Any) -> None:
@@ -153,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
         if leaf is not None:
             raise leaf from None
         raise
-    print(json.dumps({"event": "stopped"}), file=sys.stderr, flush=True)
+    # A log line, not a print: under `mesh up` every sidecar's stderr is the user's terminal,
+    # and a stop they asked for needs no line per sidecar (-v shows it).
+    log.info("sidecar %s stopped", opts.service)
     return 0
 
 

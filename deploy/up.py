@@ -44,6 +44,14 @@ DASHBOARD = ("dashboard", "MESH_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT)
 METRICS = ("metrics", "MESH_METRICS_PORT", DEFAULT_METRICS_PORT)
 
 
+class StartupInterrupted(Exception):
+    """SIGINT/SIGTERM arrived before the mesh was up; everything started is stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} before the mesh was up")
+        self.signum = signum
+
+
 @dataclass
 class UpConfig:
     state_dir: Path
@@ -189,10 +197,11 @@ async def run_up(
     if config.replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, not {config.replicas}")
     stopping, started = trio.Event(), trio.Event()
+    received: list[int] = []
     with unwrap_single():
         async with trio.open_nursery() as outer:  # owns NATS, which stops last
             with trio.CancelScope() as body:
-                await outer.start(_watch_signals, body, stopping, started)
+                await outer.start(_watch_signals, body, stopping, started, received)
                 nats: NatsServer | None = None
                 urls = list(config.nats_urls)
                 plan = None
@@ -260,6 +269,10 @@ async def run_up(
                         apps.cancel_scope.cancel()
                     cp.cancel_scope.cancel()
             outer.cancel_scope.cancel()
+    if not started.is_set():
+        # Only a signal cancels the body; everything it started is stopped by now. Returning
+        # would leave the caller's nursery.start without a result (a RuntimeError traceback).
+        raise StartupInterrupted(received[0] if received else signal.SIGINT)
 
 
 async def _run_background_load(port: int, rate: float, duration: float) -> None:
@@ -275,12 +288,14 @@ async def _watch_signals(
     body: trio.CancelScope,
     stopping: trio.Event,
     started: trio.Event,
+    received: list[int],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
+            received.append(signum)
             log.warning("%s received: stopping the mesh", signal.Signals(signum).name)
             if stopping.is_set() or not started.is_set():
                 body.cancel()  # a second signal, or still starting: stop everything at once

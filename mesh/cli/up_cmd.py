@@ -13,7 +13,15 @@ import trio
 from bus.client import BusOptions
 from deploy.load import DEFAULT_BACKGROUND_DURATION, DEFAULT_BACKGROUND_RATE
 from deploy.topology import demo_topology_path, load_topology
-from deploy.up import DASHBOARD, DEFAULT_NATS_PORT, METRICS, Running, UpConfig, run_up
+from deploy.up import (
+    DASHBOARD,
+    DEFAULT_NATS_PORT,
+    METRICS,
+    Running,
+    StartupInterrupted,
+    UpConfig,
+    run_up,
+)
 from mesh.cli.common import print_ready, run_trio
 from mesh.errors import ConfigError
 
@@ -120,7 +128,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                 )
         return 0
 
-    return run_trio(main)
+    try:
+        return run_trio(main)
+    except StartupInterrupted as exc:  # stopped cleanly; the log said which signal
+        return 128 + exc.signum
 
 
 def _topology_info(running: Running) -> dict[str, Any] | None:

@@ -199,9 +199,18 @@ async def test_stopping_the_demo_prints_no_traceback(tmp_path: Path, sig: int) -
     """Every sidecar sends its leaving heartbeat on the way out; that used to crash each one
     with a traceback (and "coroutine ... never awaited" warnings) in the user's terminal."""
     async with demo(tmp_path) as d:
+        # A healthy start prints the banner and little else: routine events (each sidecar's
+        # snapshot loads) are INFO, shown with -v. (mesh.ca's one-off "generated a new root"
+        # is left to its owner.)
+        start = b"".join(d.output).decode(errors="replace")
+        assert "snapshot version" not in start, start
+        assert [line for line in start.splitlines() if " WARNING " in line and "mesh.ca" not in line] == [], start
         after = await stop(d, sig)
-    # One line says the signal was seen; the rest of the stop is quiet.
+    # One line says the signal was seen; the rest of the stop is quiet (no line per process).
     assert f"{signal.Signals(sig).name} received" in after, after
+    assert [line for line in after.splitlines() if line.strip()] == [
+        line for line in after.splitlines() if "mesh.up: " in line
+    ], after
 
 
 async def test_mesh_up_demo_alone_lights_every_edge_over_mtls(tmp_path: Path) -> None:

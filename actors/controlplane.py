@@ -28,18 +28,35 @@ def default_actors() -> list[Actor]:
     ]
 
 
+def http_ports(actors: Sequence[Actor]) -> dict[str, int | None]:
+    """The HTTP ports this replica's actors bound (None: off), once they have started.
+
+    A busy port makes an actor fall back to an ephemeral one (actors/httpserve.py), so
+    only the bound port is worth telling a user: `mesh up` prints these in its banner."""
+    ports: dict[str, int | None] = {"dashboard": None, "metrics": None}
+    for actor in actors:
+        if isinstance(actor, DashboardActor) and actor.port_wanted is not None:
+            ports["dashboard"] = actor.port
+        elif isinstance(actor, TelemetryActor) and actor.metrics_port_wanted is not None:
+            ports["metrics"] = actor.metrics_port
+    return ports
+
+
 async def run_replica(
     nats: Sequence[str],
     replica: str,
     *,
     actors: list[Actor] | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[dict[str, int | None]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled. Reports started once every actor is subscribed."""
+    """Serve until cancelled. Reports started, with the HTTP ports bound (`http_ports`),
+    once every actor is subscribed and listening."""
+    if actors is None:
+        actors = default_actors()
     async with connect(nats, name=f"controlplane-{replica}") as bus:
         ctx = ActorContext(bus=bus, replica=replica)
-        supervisor = Supervisor(ctx, actors if actors is not None else default_actors())
+        supervisor = Supervisor(ctx, actors)
         async with trio.open_nursery() as nursery:
             await nursery.start(supervisor.run)
             log.info("control-plane replica %s ready on %s", replica, bus.connected_url)
-            task_status.started()
+            task_status.started(http_ports(actors))

@@ -121,7 +121,8 @@ async def bind(host: str, port: int) -> list[trio.SocketListener]:
     except OSError as exc:
         if port == 0:
             raise
-        log.warning("port %d on %s is busy (%s): using an ephemeral port", port, host, exc)
+        # Expected with several replicas on one host; `mesh up`'s banner names the port used.
+        log.info("port %d on %s is busy (%s): using an ephemeral port", port, host, exc)
         return await trio.open_tcp_listeners(0, host=host)
 
 

@@ -36,6 +36,20 @@ from mesh.processes import free_port
 log = logging.getLogger("mesh.up")
 
 DEFAULT_NATS_PORT = 4222
+# Where the replicas' HTTP endpoints listen (MESH_HTTP_HOST, as in actors/dashboard.py),
+# as a URL host: a wildcard bind is reached on loopback.
+_HTTP_HOST = os.environ.get("MESH_HTTP_HOST", "").replace("0.0.0.0", "") or "127.0.0.1"
+# `Running.http_port` arguments: the replica's ready-line key, its env override, its default.
+DASHBOARD = ("dashboard", "MESH_DASHBOARD_PORT", DEFAULT_DASHBOARD_PORT)
+METRICS = ("metrics", "MESH_METRICS_PORT", DEFAULT_METRICS_PORT)
+
+
+class StartupInterrupted(Exception):
+    """SIGINT/SIGTERM arrived before the mesh was up; everything started is stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} before the mesh was up")
+        self.signum = signum
 
 
 @dataclass
@@ -98,6 +112,22 @@ class Running:
     load_rate: float = 0.0
     load_duration: float = DEFAULT_BACKGROUND_DURATION
 
+    def http_port(self, key: str, env: str, default: int) -> tuple[int | None, str]:
+        """The port the first replica bound for `key` ("dashboard", "metrics": its ready
+        line says, see actors/controlplane.py), None when off; and a note for the banner
+        when that is not the port asked for (busy: the replica took an ephemeral one)."""
+        info = self.replicas[0].ready_info if self.replicas else {}
+        if key not in info:  # a replica that does not report its ports: the port asked for
+            wanted = os.environ.get(env, str(default))
+            return (None if wanted in ("", "off") else int(wanted)), ""
+        bound = info[key]
+        if not isinstance(bound, int):
+            return None, ""
+        wanted = os.environ.get(env, str(default))
+        if wanted.isdigit() and int(wanted) not in (0, bound):
+            return bound, f"; port {wanted} was busy"
+        return bound, ""
+
     def describe(self, mesh: str = "mesh") -> str:
         """The banner; `mesh` is how the user ran the command (e.g. .venv/bin/mesh), so the
         next steps it suggests can be pasted as they are."""
@@ -116,15 +146,17 @@ class Running:
             )
         for child in self.replicas:
             lines.append(f"  controlplane  {child.name}  pid {child.pid}")
-        dash = os.environ.get("MESH_DASHBOARD_PORT", str(DEFAULT_DASHBOARD_PORT))
-        metrics = os.environ.get("MESH_METRICS_PORT", str(DEFAULT_METRICS_PORT))
-        if dash != "off":
+        dash, dash_note = self.http_port(*DASHBOARD)
+        metrics, metrics_note = self.http_port(*METRICS)
+        if dash is not None:
             lines.append(
-                f"  dashboard     http://127.0.0.1:{dash}/  (served by the first replica to bind it)"
+                f"  dashboard     http://{_HTTP_HOST}:{dash}/  (served by {self.replicas[0].name}"
+                f"{dash_note})"
             )
-        if metrics != "off":
+        if metrics is not None:
             lines.append(
-                f"  metrics       http://127.0.0.1:{metrics}/metrics  (mesh-wide, Prometheus)"
+                f"  metrics       http://{_HTTP_HOST}:{metrics}/metrics  (mesh-wide, Prometheus"
+                f"{metrics_note})"
             )
         ingress = self.topology.plan.ingress if self.topology is not None else None
         if self.topology is not None:
@@ -141,8 +173,8 @@ class Running:
         steps.append(
             (f"curl http://127.0.0.1:{ingress.outbound_port}/", "one request through the mesh")
         )
-        if dash != "off":
-            steps.append((f"open http://127.0.0.1:{dash}/", "the dashboard"))
+        if dash is not None:
+            steps.append((f"open http://{_HTTP_HOST}:{dash}/", "the dashboard"))
         if self.topology is not None and self.topology.identities.by_account:
             steps.append((f"{mesh} certs", "each sidecar's SPIFFE identity"))
         width = max(len(cmd) for cmd, _ in steps)
@@ -165,10 +197,11 @@ async def run_up(
     if config.replicas < 1:
         raise ConfigError(f"--replicas must be at least 1, not {config.replicas}")
     stopping, started = trio.Event(), trio.Event()
+    received: list[int] = []
     with unwrap_single():
         async with trio.open_nursery() as outer:  # owns NATS, which stops last
             with trio.CancelScope() as body:
-                await outer.start(_watch_signals, body, stopping, started)
+                await outer.start(_watch_signals, body, stopping, started, received)
                 nats: NatsServer | None = None
                 urls = list(config.nats_urls)
                 plan = None
@@ -236,6 +269,10 @@ async def run_up(
                         apps.cancel_scope.cancel()
                     cp.cancel_scope.cancel()
             outer.cancel_scope.cancel()
+    if not started.is_set():
+        # Only a signal cancels the body; everything it started is stopped by now. Returning
+        # would leave the caller's nursery.start without a result (a RuntimeError traceback).
+        raise StartupInterrupted(received[0] if received else signal.SIGINT)
 
 
 async def _run_background_load(port: int, rate: float, duration: float) -> None:
@@ -251,12 +288,14 @@ async def _watch_signals(
     body: trio.CancelScope,
     stopping: trio.Event,
     started: trio.Event,
+    received: list[int],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for signum in signals:
+            received.append(signum)
             log.warning("%s received: stopping the mesh", signal.Signals(signum).name)
             if stopping.is_set() or not started.is_set():
                 body.cancel()  # a second signal, or still starting: stop everything at once

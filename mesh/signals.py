@@ -24,7 +24,8 @@ async def cancel_on_signals(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_parent, scope)
             async for signum in signals:
-                log.warning("%s received: shutting down", signal.Signals(signum).name)
+                # Routine: under `mesh up` it is the supervisor's SIGTERM, already announced.
+                log.info("%s received: shutting down", signal.Signals(signum).name)
                 scope.cancel()
                 nursery.cancel_scope.cancel()
                 return

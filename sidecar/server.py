@@ -187,7 +187,8 @@ class Sidecar:
         if self.telemetry is not None:
             self.telemetry.recorder.config_version = snapshot.version
         self.loaded_at = time.time()
-        log.warning("snapshot version %s loaded", snapshot.version)
+        # Routine (every push, every sidecar at start): -v shows it; refusals are errors.
+        log.info("snapshot version %s loaded", snapshot.version)
         return None
 
     def config_dump(self) -> dict[str, Any]:

@@ -56,6 +56,9 @@ class SyncClient:
         self.first = trio.Event()
         self.connected = False
         self._bus: Bus | None = None
+        # Shutdown (see `leave`): asked for, then done (the last session and its bus closed).
+        self._leaving = trio.Event()
+        self._stopped = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Reports started once the first snapshot is applied (or refused), or after
@@ -73,8 +76,14 @@ class SyncClient:
             task_status.started()
 
     async def _forever(self) -> None:
+        try:
+            await self._sessions()
+        finally:
+            self._stopped.set()
+
+    async def _sessions(self) -> None:
         delay = 0.1
-        while True:
+        while not self._leaving.is_set():  # after a leave, no reconnecting
             try:
                 async with connect(
                     self.servers,
@@ -95,6 +104,8 @@ class SyncClient:
                 log.exception("config sync failed; keeping version %s", self.state.version)
             finally:
                 self.connected = False
+            if self._leaving.is_set():
+                return
             await trio.sleep(delay)
             delay = min(2.0, delay * 2)
 
@@ -107,6 +118,7 @@ class SyncClient:
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self._heartbeats, bus)
+            nursery.start_soon(self._leave_when_asked, bus, nursery.cancel_scope)
             self._bus = bus
             try:
                 await self._fetch(bus, "start" if not st.version else "reconnect")
@@ -175,27 +187,42 @@ class SyncClient:
             return
 
     async def _heartbeats(self, bus: Bus) -> None:
-        while True:
+        # A heartbeat queued after the leaving one would register this instance again.
+        while not self._leaving.is_set():
             try:
                 bus.publish_nowait(subjects.CONFIG_HEARTBEAT, self.state.heartbeat(self.heartbeat))
             except MeshError as exc:
                 log.debug("heartbeat not sent: %s", exc)
             await trio.sleep(self.heartbeat)
 
-    async def leave(self) -> None:
-        """Before shutting down: tell the control plane this instance is going, so its
-        endpoint is removed at once instead of after the heartbeat expiry."""
-        bus = self._bus
-        if bus is None:
-            return
+    async def _leave_when_asked(self, bus: Bus, session: trio.CancelScope) -> None:
+        """Runs in the session, inside the bus's `async with`: the bus (its trio-asyncio
+        loop and its flusher) is open while the leaving heartbeat is sent and flushed."""
+        await self._leaving.wait()
         try:
             bus.publish_nowait(
                 subjects.CONFIG_HEARTBEAT, self.state.heartbeat(self.heartbeat, leaving=True)
             )
             await bus.flush(timeout=0.5)
-        except MeshError as exc:
+        except MeshError as exc:  # NATS away: the control plane expires us instead
             log.debug("leaving message not sent: %s", exc)
+        # Ends the session; `connect` then flushes, drains and closes the bus as usual.
+        session.cancel()
 
+    async def leave(self, timeout: float = 2.0) -> None:
+        """Before shutting down: tell the control plane this instance is going, so its
+        endpoint is removed at once instead of after the heartbeat expiry; then close the
+        bus. Returns once the sync client has stopped, or after `timeout` seconds (the
+        caller's cancellation then stops the rest, the bus's close being shielded).
+
+        The message is sent by the session task, not by the caller: the bus's calls into
+        nats-py need the trio-asyncio loop that `connect` opened, which only tasks started
+        inside it can see (a task from outside finds no loop at all)."""
+        self._leaving.set()
+        if self._bus is None:  # no session (not connected yet, or NATS away): nothing to tell
+            return
+        with trio.move_on_after(timeout):
+            await self._stopped.wait()
 
 def describe(client: SyncClient) -> dict[str, Any]:
     st = client.state

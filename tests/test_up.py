@@ -149,6 +149,35 @@ async def test_up_refuses_a_busy_port(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr.decode()
 
 
+async def test_ctrl_c_while_starting_stops_quietly(tmp_path: Path) -> None:
+    """Ctrl-C before the banner (the demo's sidecars still starting) stops everything and
+    exits 130, with no traceback (run_up used to end without reporting started)."""
+    env = {**os.environ, "MESH_DASHBOARD_PORT": "off", "MESH_METRICS_PORT": "off"}
+    proc = await trio.lowlevel.open_process(
+        [*MESH, "up", "--demo", "--nats-port", "0", "--ingress-port", "0", "--no-load",
+         "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        out = b""
+        with trio.fail_after(30):
+            # Printed once NATS is up, before the replicas, apps and sidecars start.
+            while b"CA operator secret" not in out:
+                chunk = await proc.stdout.receive_some(4096)
+                assert chunk, out.decode()
+                out += chunk
+            assert b"trio-mesh is up" not in out
+            proc.send_signal(signal.SIGINT)
+            while chunk := await proc.stdout.receive_some(4096):
+                out += chunk
+            assert await proc.wait() == 130, out.decode()
+        assert b"Traceback" not in out and b"never awaited" not in out, out.decode()
+        assert b"trio-mesh is up" not in out, out.decode()
+    finally:
+        await terminate(proc)
+
+
 @pytest.mark.parametrize("bad", ["http://x:1", "127.0.0.1:4222", "nats://a:1,ftp://b"])
 async def test_up_rejects_bad_nats_urls(bad: str, tmp_path: Path) -> None:
     result = await mesh("up", "--nats", bad, "--state-dir", str(tmp_path), check=False)

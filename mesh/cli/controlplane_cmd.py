@@ -33,9 +33,11 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with trio.open_nursery() as nursery:
             await nursery.start(cancel_on_signals, nursery.cancel_scope)
-            await nursery.start(run_replica, servers, args.replica)
+            ports = await nursery.start(run_replica, servers, args.replica)
             if args.ready_line:
-                print_ready(component="controlplane", replica=args.replica)
+                # The ports actually bound (a busy default moves to an ephemeral one), for
+                # `mesh up`'s banner.
+                print_ready(component="controlplane", replica=args.replica, **ports)
         return 0
 
     return run_trio(main)

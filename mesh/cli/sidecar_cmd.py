@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ from mesh.cli.sidecar_identity import add_identity_flags, identity_config, run_i
 from mesh.errors import ConfigError, MeshError
 from mesh.signals import watch_parent
 from mesh.snapshot import Snapshot, load_snapshot
+
+log = logging.getLogger("mesh.sidecar")
 
 
 def register(sub: Any) -> None:
@@ -106,8 +108,6 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
-                ready = False
-
                 # Signals are handled from the start: a sidecar still waiting for its first
                 # certificate or for NATS must stop on SIGTERM, not after its deadline.
                 async def handle_signals() -> None:
@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
                         if signum == signal.SIGHUP:
                             sidecar.reload()
                         else:
-                            if sync is not None and ready:
+                            if sync is not None:
+                                # Tells the control plane and closes the bus from inside
+                                # the sync task (sync_client.py says why), then returns.
                                 await sync.leave()
                             nursery.cancel_scope.cancel()
                             return
@@ -142,7 +144,6 @@ def run(args: argparse.Namespace) -> int:
                         raise ConfigError(f"--ready-file {args.ready_file}: cannot write: "
                                           f"{exc.strerror}") from None
                 print(line, flush=True)
-                ready = True
 
     try:
         trio.run(main)
@@ -154,7 +155,9 @@ def run(args: argparse.Namespace) -> int:
         if leaf is not None:
             raise leaf from None
         raise
-    print(json.dumps({"event": "stopped"}), file=sys.stderr, flush=True)
+    # A log line, not a print: under `mesh up` every sidecar's stderr is the user's terminal,
+    # and a stop they asked for needs no line per sidecar (-v shows it).
+    log.info("sidecar %s stopped", opts.service)
     return 0
 
 

@@ -13,7 +13,15 @@ import trio
 from bus.client import BusOptions
 from deploy.load import DEFAULT_BACKGROUND_DURATION, DEFAULT_BACKGROUND_RATE
 from deploy.topology import demo_topology_path, load_topology
-from deploy.up import DEFAULT_NATS_PORT, Running, UpConfig, run_up
+from deploy.up import (
+    DASHBOARD,
+    DEFAULT_NATS_PORT,
+    METRICS,
+    Running,
+    StartupInterrupted,
+    UpConfig,
+    run_up,
+)
 from mesh.cli.common import print_ready, run_trio
 from mesh.errors import ConfigError
 
@@ -114,10 +122,16 @@ def cmd_up(args: argparse.Namespace) -> int:
                     replicas={r.name: r.pid for r in running.replicas},
                     topology=_topology_info(running),
                     creds=str(running.admin_creds.resolve()) if running.admin_creds else None,
+                    # The ports bound, as the banner prints them (None: off).
+                    dashboard=running.http_port(*DASHBOARD)[0],
+                    metrics=running.http_port(*METRICS)[0],
                 )
         return 0
 
-    return run_trio(main)
+    try:
+        return run_trio(main)
+    except StartupInterrupted as exc:  # stopped cleanly; the log said which signal
+        return 128 + exc.signum
 
 
 def _topology_info(running: Running) -> dict[str, Any] | None:

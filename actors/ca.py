@@ -180,7 +180,7 @@ class CaActor:
                 revision = await kv.create(KEY_CA, blob)
             except KVConflict:
                 continue  # another leader stored one first (should not happen under the lease)
-            log.warning(
+            log.info(
                 "CA: %s for trust domain %s (root %s); key sealed in KV",
                 how,
                 ca.trust_domain,

@@ -200,11 +200,10 @@ async def test_stopping_the_demo_prints_no_traceback(tmp_path: Path, sig: int) -
     with a traceback (and "coroutine ... never awaited" warnings) in the user's terminal."""
     async with demo(tmp_path) as d:
         # A healthy start prints the banner and little else: routine events (each sidecar's
-        # snapshot loads) are INFO, shown with -v. (mesh.ca's one-off "generated a new root"
-        # is left to its owner.)
+        # snapshot loads, the CA's new root) are INFO, shown with -v.
         start = b"".join(d.output).decode(errors="replace")
         assert "snapshot version" not in start, start
-        assert [line for line in start.splitlines() if " WARNING " in line and "mesh.ca" not in line] == [], start
+        assert [line for line in start.splitlines() if " WARNING " in line] == [], start
         after = await stop(d, sig)
     # One line says the signal was seen; the rest of the stop is quiet (no line per process).
     assert f"{signal.Signals(sig).name} received" in after, after

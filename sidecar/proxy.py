@@ -127,7 +127,13 @@ class _Downstream:
         self.dst = ""
 
     async def recv_into_reader(self) -> None:
-        data = await self.io.receive_some(RECV)
+        try:
+            data = await self.io.receive_some(RECV)
+        except _IO_ERRORS:
+            # A reset is the client going away too. As a bare OSError it would read as the
+            # upstream's failure wherever a client read sits inside an upstream exchange
+            # (streaming a body), and hold that upstream connection until stream_timeout.
+            raise ClientGone from None
         if not data:
             raise ClientGone
         self.reader.feed(data)

@@ -6,6 +6,7 @@ import http.client
 import json
 import re
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -401,3 +402,38 @@ def test_stalled_streamed_upload_gets_504(side: Sidecar) -> None:
     assert _status(reply) == 504
     assert _header(reply, b"x-mesh-flags") == b"UT"
     assert request(side.inbound, "/anything")[0] == 200
+
+
+def _established_to(port: int) -> int:
+    """Established TCP connections to 127.0.0.1:`port`, from /proc/net/tcp."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+def test_a_client_reset_mid_upload_frees_the_upstream_connection(tmp_path: Path) -> None:
+    procs = Procs(tmp_path)
+    try:
+        app = procs.app("a")
+        side = procs.sidecar("a", "v1", app, snapshot())
+        with socket.create_connection(("127.0.0.1", side.inbound), timeout=5) as s:
+            s.sendall(b"POST /count HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+                      b"5\r\nhello\r\n")
+            deadline = time.monotonic() + 10
+            while _established_to(app) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _established_to(app) == 1  # the sidecar is streaming the body to the app
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # RST: the sidecar must drop its half-sent upstream request at once, not wait for
+        # the body until stream_timeout (300 s).
+        deadline = time.monotonic() + 10
+        while _established_to(app) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _established_to(app) == 0
+        assert side.proc.poll() is None  # and the sidecar lives on
+    finally:
+        procs.close()

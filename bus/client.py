@@ -46,7 +46,7 @@ log = logging.getLogger("mesh.bus")
 # Every requester's replies come to an inbox: nats-py's default `_INBOX.` or the per-user
 # `_INBOX.<user>.` prefix the mesh's NATS users are given (bus/auth.py).
 REPLY_PREFIX = "_INBOX."
-_reply_throttle = LogThrottle()
+_log_throttle = LogThrottle()
 
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
@@ -178,7 +178,9 @@ class Bus:
             self.stats.drops["permission"] += 1
             self.denied = [*self.denied[-63:], str(exc)]
             self.denied_count += 1
-            log.warning("NATS refused (%s): %s", self._auth_source, exc)
+            logged, held = _log_throttle.allow(("perm", str(exc)[:200]))
+            if logged:  # a misconfigured role would log every periodic publish
+                log.warning("NATS refused (%s): %s%s", self._auth_source, exc, held_note(held))
             return
         if isinstance(exc, nats.errors.SlowConsumerError):
             self.stats.drops["slow-consumer"] += 1
@@ -408,7 +410,7 @@ class Bus:
             return
         if not delivery.reply.startswith(REPLY_PREFIX):
             self.stats.replies_refused += 1
-            logged, held = _reply_throttle.allow("reply")
+            logged, held = _log_throttle.allow("reply")
             if logged:
                 log.warning("not answering a request on %s: its reply subject %r is not an "
                             "inbox (%s...)%s", delivery.subject, delivery.reply, REPLY_PREFIX,

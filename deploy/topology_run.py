@@ -35,6 +35,8 @@ from mesh.spiffe import SpiffeId
 # The mesh's secrets (the CA sealing secret, NATS credentials) are for the mesh's own
 # processes; an app written without mesh code needs none of them.
 APP_WITHHELD_ENV = ("MESH_CA_SECRET", "MESH_CA_SECRET_FILE", CREDS_ENV)
+# A sidecar gets its own NATS credentials (env) but never the CA sealing secret.
+SIDECAR_WITHHELD_ENV = ("MESH_CA_SECRET", "MESH_CA_SECRET_FILE")
 
 # Redemptions per sidecar in a service account's token: its first start plus restarts by
 # the supervisor (each restart is a new process with a new key, so a new first certificate).
@@ -236,7 +238,8 @@ async def run_topology(
                 identity = identities.by_account.get(inst.service)
                 argv = sidecar_argv(inst, config, nats_urls or [], identity)
                 env = creds_env(inst.name) if creds_env and nats_urls else None
-                sidecars.append(ChildProcess(f"{inst.name}/sidecar", argv, env=env))
+                sidecars.append(ChildProcess(f"{inst.name}/sidecar", argv, env=env,
+                                             withhold_env=SIDECAR_WITHHELD_ENV))
         await _start_all(nursery, sidecars, children)
         # Report them in plan order whatever order they became ready in.
         ordered = {name: children[name] for name in sorted(children, key=_plan_order(plan))}

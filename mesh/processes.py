@@ -100,6 +100,7 @@ async def terminate_all(processes: list[trio.Process], grace: float = 5.0) -> No
             if p.returncode is None:
                 p.kill()
                 await p.wait()
+            _guard.tell(f"-{p.pid}")
 
 
 # Planned ports come from below the kernel's ephemeral range: a port picked now and bound

@@ -164,5 +164,6 @@ def golden(agg: PairAgg, seconds: float) -> Golden:
         tcp_received_bps=round(tcp.received / seconds, 1),
         tcp_denied=tcp.denied,
         retries=agg.retries,
-        actual_success_rate=round((n - agg.errors) / (n + agg.retries), 4) if n else 1.0,
+        actual_success_rate=(round((n - agg.errors) / (n + agg.retries), 4) if n
+                             else 0.0 if agg.retries else 1.0),
     )

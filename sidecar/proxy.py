@@ -428,7 +428,8 @@ class HttpProxy:
                 if isinstance(result, _Failure):
                     result.flag += "," + F.RETRY_EXHAUSTED
                     result.reason += " (retry budget exhausted)"
-            elif retryable and policy.attempts > 1:
+            elif retryable and attempt > 0 and attempt + 1 >= policy.attempts:
+                # URX only when retries ran out, not when a streamed body made one impossible.
                 exhausted = True
                 if isinstance(result, _Failure):
                     result.flag += "," + F.RETRY_EXHAUSTED

@@ -190,12 +190,15 @@ class HopTracer:
                 return Hop(None, ids[:32], ids[32:], 0, "")
             state = ""
         else:
-            sampled = parent.sampled
             state = clean_tracestate(tracestate) if tracestate else ""
-            if not sampled:
-                span_id = f"{rng.getrandbits(64) | 1:016x}"
-                return Hop(None, parent.trace_id, span_id, parent.flags, state)
+            if not parent.sampled:
+                return self._unsampled_child(parent, state)
         return self._span_hop(name, parent, state, kind, attributes)
+
+    def _unsampled_child(self, parent: TraceParent, state: str) -> Hop:
+        """A hop in a trace someone else decided not to sample: a new span id, no span."""
+        span_id = f"{self._rng.getrandbits(64) | 1:016x}"
+        return Hop(None, parent.trace_id, span_id, parent.flags, state)
 
     def start_request_hop(
         self,
@@ -214,10 +217,14 @@ class HopTracer:
                 return Hop(None, ids[:32], ids[32:], 0, "")
             name = f"{method.decode('latin-1')} {target.split(b'?', 1)[0].decode('latin-1')}"
             return self._span_hop(name, None, "", kind, None)
+        tp = traceparent.decode("latin-1")
+        state = tracestate.decode("latin-1") if tracestate is not None else None
+        parent = parse_traceparent(tp)
+        if parent is not None and not parent.sampled:
+            # Most in-mesh requests: the caller's sidecar decided; no span name to build.
+            return self._unsampled_child(parent, clean_tracestate(state) if state else "")
         name = f"{method.decode('latin-1')} {target.split(b'?', 1)[0].decode('latin-1')}"
-        return self.start_hop(name, traceparent.decode("latin-1"),
-                              tracestate.decode("latin-1") if tracestate is not None else None,
-                              kind=kind)
+        return self.start_hop(name, tp, state, kind=kind)
 
     def _span_hop(self, name: str, parent: TraceParent | None, state: str, kind: SpanKind,
                   attributes: dict[str, Any] | None) -> Hop:

@@ -725,7 +725,8 @@ class HttpProxy:
                     await conn.io.send_all(value)
             if upstream_rest:
                 await c.io.send_all(upstream_rest)
-            await splice(c.stream, conn.stream)
+            await splice(c.stream, conn.stream,
+                         idle_timeout=self._runtime().limits.tunnel_idle_timeout)
         finally:
             conn.close()
 

@@ -23,7 +23,6 @@ from sidecar.mtls import InboundGate, UpstreamTls
 from sidecar.pool import Pool
 from sidecar.proxy import HttpProxy
 from sidecar.runtime import Runtime
-from sidecar.splice import set_tunnel_idle_timeout
 from sidecar.stats import Stats
 from sidecar.tcp_inbound import TcpInbound
 from sidecar.tcp_proxy import TcpListener, TcpListeners
@@ -67,7 +66,6 @@ class Sidecar:
         self.stats = Stats()
         self._rng = random.Random()
         self._runtime = Runtime(snapshot, opts.app_port, self._rng, time.monotonic)
-        set_tunnel_idle_timeout(snapshot.limits.tunnel_idle_timeout)
         self.stats.snapshot_version = snapshot.version
         self.stats.reloads_ok = 1
         self._local_tcp: tuple[tuple[TcpProxy, ...], tuple[Cluster, ...]] = ((), ())
@@ -179,7 +177,6 @@ class Sidecar:
                       self._runtime.snapshot.version, exc)
             return str(exc)
         self._runtime = runtime
-        set_tunnel_idle_timeout(snapshot.limits.tunnel_idle_timeout)
         if self.tcp_listeners is not None:
             self.tcp_listeners.update(snapshot.tcp)
         self.stats.reloads_ok += 1

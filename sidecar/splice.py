@@ -20,21 +20,6 @@ DEFAULT_IDLE_TIMEOUT = 3600.0  # seconds, as Envoy's tcp_proxy
 IDLE_CHECKS = 4  # watchdog wake-ups per idle timeout
 
 
-class _TunnelDefault:
-    """The idle timeout of splices started without one: HTTP upgrade tunnels, which the
-    HTTP proxy starts with `splice(a, b)`. One sidecar per process, so the sidecar sets it
-    from its snapshot's `limits.tunnel_idle_timeout` on every swap (`set_tunnel_idle_timeout`)."""
-
-    seconds = DEFAULT_IDLE_TIMEOUT
-
-
-def set_tunnel_idle_timeout(seconds: float) -> None:
-    _TunnelDefault.seconds = seconds
-
-
-_TUNNEL = _TunnelDefault()
-
-
 class ByteCount:
     """Bytes copied in one direction; read by telemetry while the splice runs."""
 
@@ -87,16 +72,14 @@ async def splice(
     a: trio.abc.Stream,
     b: trio.abc.Stream,
     *,
-    idle_timeout: float | _TunnelDefault | None = _TUNNEL,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
     a_to_b: ByteCount | None = None,
     b_to_a: ByteCount | None = None,
 ) -> bool:
     """Copy until both directions end, one fails, or nothing moved for `idle_timeout`
-    seconds (None or inf: never; not given: the tunnel default). Returns True when it
+    seconds (None or inf: never). Returns True when it
     ended for idleness; the caller closes both streams either way. `a_to_b`/`b_to_a`
     count the bytes copied."""
-    if isinstance(idle_timeout, _TunnelDefault):
-        idle_timeout = _TunnelDefault.seconds
     up = a_to_b if a_to_b is not None else ByteCount()
     down = b_to_a if b_to_a is not None else ByteCount()
     idled: list[bool] = []

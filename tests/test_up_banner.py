@@ -19,6 +19,7 @@ import trio
 
 from actors.dashboard import DEFAULT_DASHBOARD_PORT
 from actors.telemetry import DEFAULT_METRICS_PORT
+from bus.http_probe import http_get
 from mesh.processes import terminate
 
 MESH = [sys.executable, "-m", "mesh"]
@@ -36,19 +37,6 @@ def occupied(port: int) -> Iterator[None]:
             if exc.errno != errno.EADDRINUSE:
                 raise
         yield
-
-
-async def http_get(port: int, path: str) -> bytes:
-    with trio.fail_after(20):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(
-                f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode()
-            )
-            raw = b""
-            while chunk := await stream.receive_some(65536):
-                raw += chunk
-    return raw
 
 
 async def test_banner_names_the_ports_really_bound_when_the_defaults_are_busy(
@@ -84,11 +72,12 @@ async def test_banner_names_the_ports_really_bound_when_the_defaults_are_busy(
             )
             assert f"port {DEFAULT_DASHBOARD_PORT} was busy" in banner, banner
 
-            page = await http_get(dash_port, "/")
-            assert page.startswith(b"HTTP/1.1 200 "), page[:200]
-            assert b"<title>trio-mesh: service graph</title>" in page
-            scraped = await http_get(metrics_port, "/metrics")
-            assert scraped.startswith(b"HTTP/1.1 200 "), scraped[:200]
+            with trio.fail_after(20):
+                status, page = await http_get("127.0.0.1", dash_port, "/")
+                assert status == 200, page[:200]
+                assert b"<title>trio-mesh: service graph</title>" in page
+                status, scraped = await http_get("127.0.0.1", metrics_port, "/metrics")
+                assert status == 200, scraped[:200]
 
             proc.send_signal(signal.SIGINT)
             with trio.fail_after(30):

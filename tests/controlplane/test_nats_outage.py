@@ -3,21 +3,10 @@ everything resyncs when it returns (a change written after the return reaches th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from cp_helpers import Mesh
 from test_e2e import BASE
-
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    m = Mesh(tmp_path_factory.mktemp("outage"))
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def test_sidecars_outlive_nats_and_resync(mesh: Mesh, tmp_path: Path) -> None:

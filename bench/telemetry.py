@@ -298,7 +298,13 @@ def _dataplane() -> Any:
     return module
 
 
-def bench_sidecar(rounds: int, seconds: float, conns: int, baseline: str | None = None) -> None:
+def bench_sidecar(
+    rounds: int,
+    seconds: float,
+    conns: int,
+    baseline: str | None = None,
+    extra_variants: list[str] | None = None,
+) -> None:
     import shutil
     import statistics
 
@@ -342,6 +348,10 @@ def bench_sidecar(rounds: int, seconds: float, conns: int, baseline: str | None 
             ("off", ["--no-telemetry"], None),
             ("on", ["--telemetry-nats", f"nats://127.0.0.1:{nats_port}"], None),
         ]
+        for spec in extra_variants or ():  # NAME=ARGS: where the cost goes (e.g. no NATS)
+            vname, _, vargs = spec.partition("=")
+            variants.append((vname, [a.replace("{nats}", f"nats://127.0.0.1:{nats_port}")
+                                     for a in vargs.split()], None))
         if baseline:  # the same two, as of an older revision (before/after in one run)
             src = stack.checkout(baseline)
             variants += [(f"{n}@{baseline}", extra, src) for n, extra, _ in variants]
@@ -422,12 +432,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="rounds for (c)")
     p.add_argument("--point-seconds", type=float, default=3.0, help="seconds per wrk run in (c)")
     p.add_argument("--baseline", metavar="REV", help="(c) also for the sidecar as of git REV")
+    p.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME=ARGS",
+        help="(c) also a sidecar with these extra arguments ({nats}: the bench's NATS URL)",
+    )
     args = p.parse_args()
     bench_request_path(args.calls)
     if not args.skip_ingest:
         trio.run(bench_ingest, args.sidecars, args.seconds)
     if not args.skip_sidecar:
-        bench_sidecar(args.rounds, args.point_seconds, 16, args.baseline)
+        bench_sidecar(args.rounds, args.point_seconds, 16, args.baseline, args.variant)
     print(json.dumps({"done": True}))
 
 

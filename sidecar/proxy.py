@@ -308,9 +308,9 @@ class HttpProxy:
             extra.append((b"x-request-id", rid))
         c.request_id = rid
         if hop is not None:
-            extra.append((b"traceparent", hop.traceparent.encode()))
-            if hop.tracestate:
-                extra.append((b"tracestate", hop.tracestate.encode()))
+            extra.append((b"traceparent", hop.header))
+            if hop.state_header:
+                extra.append((b"tracestate", hop.state_header))
         if self.outbound:
             source: str | None = self.service_name
             extra.append((b"x-mesh-source", self.service))

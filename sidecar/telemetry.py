@@ -50,6 +50,11 @@ MAX_PAIRS_PER_BATCH = 500
 PROM_BUCKET_EVERY = 4
 
 RequestKey = tuple[str, str, str, int, str]
+# (src, dst, dst_version, code, flags, duration, rx_bytes, tx_bytes)
+PendingRequest = tuple[str, str, str, int, str, float, int, int]
+# Recorded requests are folded into the aggregates at least this often (and at every
+# batch and scrape): bounds the memory they hold between two batches.
+FOLD_EVERY = 4096
 _INV_BASE = 1.0 / BASE_S
 _INV_GROWTH = 1.0 / GROWTH_LOG2
 _LAST_BUCKET = NBUCKETS - 1  # (src, dst, ver, code, flags)
@@ -64,6 +69,7 @@ class Recorder:
         self.service = service
         self.instance = instance
         self.epoch = secrets.token_hex(6)
+        self.pending: list[PendingRequest] = []  # recorded, not yet folded into `current`
         self.current: dict[PairKey, PairAgg] = {}
         self.folded: dict[PairKey, PairAgg] = {}  # previous intervals, for /metrics
         self.requests: dict[RequestKey, int] = {}  # cumulative, by code and flags
@@ -90,35 +96,50 @@ class Recorder:
         tx_bytes: int = 0,
     ) -> None:
         """One finished request: status `code` (0: no response), `duration` in seconds."""
-        # PairAgg.observe and Histogram.observe inlined: this runs once per request.
-        key = (src, dst, dst_version)
-        agg = self.current.get(key)
-        if agg is None:
-            agg = self.current[key] = PairAgg()
-        agg.requests += 1
-        c = code // 100
-        if 1 <= c <= 5:
-            agg.codes[c] += 1
-            if c == 5:
+        pending = self.pending
+        pending.append((src, dst, dst_version, code, flags, duration, rx_bytes, tx_bytes))
+        if len(pending) >= FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> None:
+        """Merge the requests recorded since the last fold into the interval's aggregates.
+
+        The request path only appends a tuple; the aggregation runs here, over many
+        requests in one tight loop, where it costs a quarter of what the same code costs
+        when it runs between two requests' proxying (bench/proxy_path.py)."""
+        pending = self.pending  # cleared in place: SidecarTelemetry holds it too
+        current = self.current
+        requests = self.requests
+        for src, dst, dst_version, code, flags, duration, rx_bytes, tx_bytes in pending:
+            key = (src, dst, dst_version)
+            agg = current.get(key)
+            if agg is None:
+                agg = current[key] = PairAgg()
+            agg.requests += 1
+            c = code // 100
+            if 1 <= c <= 5:
+                agg.codes[c] += 1
+                if c == 5:
+                    agg.errors += 1
+            else:
+                agg.codes[0] += 1
                 agg.errors += 1
-        else:
-            agg.codes[0] += 1
-            agg.errors += 1
-            code = 0
-        hist = agg.hist
-        if duration <= BASE_S:
-            hist.counts[0] += 1
-        else:
-            i = ceil(log2(duration * _INV_BASE) * _INV_GROWTH - 1e-9)
-            hist.counts[i if i < _LAST_BUCKET else _LAST_BUCKET] += 1
-        hist.count += 1
-        hist.sum += duration
-        agg.rx_bytes += rx_bytes
-        agg.tx_bytes += tx_bytes
-        if flags:
-            agg.flags[flags] = agg.flags.get(flags, 0) + 1
-        rkey = (src, dst, dst_version, code, flags)
-        self.requests[rkey] = self.requests.get(rkey, 0) + 1
+                code = 0
+            hist = agg.hist
+            if duration <= BASE_S:
+                hist.counts[0] += 1
+            else:
+                i = ceil(log2(duration * _INV_BASE) * _INV_GROWTH - 1e-9)
+                hist.counts[i if i < _LAST_BUCKET else _LAST_BUCKET] += 1
+            hist.count += 1
+            hist.sum += duration
+            agg.rx_bytes += rx_bytes
+            agg.tx_bytes += tx_bytes
+            if flags:
+                agg.flags[flags] = agg.flags.get(flags, 0) + 1
+            rkey = (src, dst, dst_version, code, flags)
+            requests[rkey] = requests.get(rkey, 0) + 1
+        pending.clear()
 
     # -- other events (connection and resilience layers) ---------------------
 
@@ -150,6 +171,7 @@ class Recorder:
 
     def take(self) -> dict[PairKey, PairAgg]:
         """The aggregates since the last call; they are folded into the /metrics totals."""
+        self.fold()
         taken, self.current = self.current, {}
         for key, agg in taken.items():
             total = self.folded.get(key)
@@ -160,6 +182,7 @@ class Recorder:
 
     def totals(self) -> dict[PairKey, PairAgg]:
         """Cumulative aggregates including the current interval (for a scrape)."""
+        self.fold()
         out: dict[PairKey, PairAgg] = {}
         for source in (self.folded, self.current):
             for key, agg in source.items():
@@ -193,6 +216,7 @@ class TelemetryPublisher:
         now = time.time()
         covered, self._last_cut = now - self._last_cut, now
         tcp = r.tcp.take()
+        r.fold()
         if not r.current and not tcp:
             return 0
         pairs = r.take()
@@ -251,6 +275,7 @@ class TelemetryCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         r = self.recorder
+        r.fold()
         pair_labels = ["source_service", "destination_service", "destination_version"]
         requests = CounterMetricFamily(
             "mesh_requests",
@@ -368,6 +393,7 @@ class SidecarTelemetry:
         self.service = service
         self.instance = instance
         self.recorder = Recorder(opts.namespace, service, instance)
+        self._pending = self.recorder.pending  # end_request appends to it directly
         self.tracer = HopTracer(service, sample_ratio=opts.trace_sample_ratio)
         self.publisher = TelemetryPublisher(self.recorder, None, interval=opts.interval)
         self.shipper = SpanShipper(self.tracer, bus=None, otlp_endpoint=opts.otlp_endpoint)
@@ -430,7 +456,10 @@ class SidecarTelemetry:
         """`end` for the proxy's hot path when there is no access log (positional
         arguments: keyword passing of 16 arguments costs more than the recording)."""
         if count:
-            self.recorder.record(src, dst, dst_version, status, flags, duration, rx_bytes, tx_bytes)
+            pending = self._pending
+            pending.append((src, dst, dst_version, status, flags, duration, rx_bytes, tx_bytes))
+            if len(pending) >= FOLD_EVERY:
+                self.recorder.fold()
         if hop.sampled:  # only a sampled hop has a span to end
             hop.finish(status, flags)
 

@@ -280,7 +280,16 @@ def test_the_fast_line_formatter_writes_what_json_dumps_would(
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
-@pytest.mark.parametrize("incoming", [None, TP, TP[:-2] + "00"])
+@pytest.mark.parametrize("incoming", [
+    None, TP, TP[:-2] + "00",
+    TP[:-2] + "02",  # an unknown flag bit, not sampled: kept as received
+    "00-" + "0" * 32 + TP[35:-2] + "00",  # all-zero trace id: invalid, a new trace
+    TP[:36] + "0" * 16 + "-00",  # all-zero parent id: invalid
+    TP[:-2].upper() + "00",  # upper-case hex: invalid
+    "ff" + TP[2:-2] + "00",  # version ff: invalid
+    "01" + TP[2:-2] + "00-later",  # a later version may add fields
+    TP[:-2] + "00-later",  # version 00 may not
+])
 def test_request_hop_decides_like_start_hop(ratio: float, incoming: str | None) -> None:
     """The proxy's bytes-in fast path takes the same decisions and draws the same ids."""
     import random
@@ -293,10 +302,43 @@ def test_request_hop_decides_like_start_hop(ratio: float, incoming: str | None) 
     fast = b.start_request_hop(b"GET", b"/p?q=1", incoming.encode() if incoming else None,
                                b"k=v" if incoming else None, SpanKind.CLIENT)
     assert (fast.sampled, fast.tracestate) == (slow.sampled, slow.tracestate)
-    if not slow.sampled:  # SDK spans draw their ids from the SDK's own generator
-        assert (fast.trace_id, fast.span_id, fast.traceparent) == (
-            slow.trace_id, slow.span_id, slow.traceparent)
+    assert (fast.trace_id, fast.span_id, fast.traceparent) == (
+        slow.trace_id, slow.span_id, slow.traceparent)
+    assert parse_traceparent(fast.traceparent) is not None
     fast.finish(200)
     slow.finish(200)
     names = [s.name for s in b.collector.take()]
     assert names == (["GET /p"] if fast.sampled else [])
+
+
+def test_a_sampled_hops_sdk_span_has_the_ids_and_times_it_had_on_the_request_path() -> None:
+    """The SDK span of a sampled hop is made when the shipper takes it, not on the
+    request path: it must still carry the ids sent upstream and the hop's own times."""
+    import time
+
+    from opentelemetry.trace import SpanKind
+
+    t = HopTracer("svc", sample_ratio=1.0)
+    before = time.time_ns()
+    hop = t.start_request_hop(b"POST", b"/orders?id=3", TP.encode(), None, SpanKind.SERVER)
+    time.sleep(0.01)
+    hop.finish(504, "UT", **{"mesh.upstream": "10.0.0.1:80"})
+    after = time.time_ns()
+    assert t.collector.pending == []  # nothing made yet
+    (span,) = t.collector.take()
+    ctx = span.get_span_context()
+    assert ctx is not None and span.parent is not None
+    assert f"{ctx.trace_id:032x}" == hop.trace_id == TP[3:35]
+    assert f"{ctx.span_id:016x}" == hop.span_id != TP[36:52]
+    assert span.parent.span_id == int(TP[36:52], 16) and span.parent.is_remote
+    assert span.name == "POST /orders" and span.kind == SpanKind.SERVER
+    assert span.start_time is not None and span.end_time is not None
+    assert before <= span.start_time < span.start_time + 10_000_000 <= span.end_time <= after
+    assert span.attributes is not None and dict(span.attributes) == {
+        "mesh.service": "svc",
+        "http.response.status_code": 504,
+        "mesh.response_flags": "UT",
+        "mesh.upstream": "10.0.0.1:80",
+    }
+    assert not span.status.is_ok
+    assert t.collector.take() == []

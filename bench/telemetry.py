@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import random
 import subprocess
 import sys
@@ -304,12 +303,14 @@ def bench_sidecar(
     conns: int,
     baseline: str | None = None,
     extra_variants: list[str] | None = None,
+    two_hops: bool = False,
 ) -> None:
     import shutil
     import statistics
 
     print(
-        f"# (c) request path through a real sidecar, 1 hop, wrk -t1 -c{conns}, {rounds} rounds of {seconds:g} s"
+        f"# (c) request path through a real sidecar, 1 hop{' and 2 hops' if two_hops else ''}, "
+        f"wrk -t1 -c{conns}, {rounds} rounds of {seconds:g} s (2 hops: CPU of both sidecars)"
     )
     help_text = subprocess.run(
         [sys.executable, "-m", "mesh", "sidecar", "--help"], capture_output=True, text=True
@@ -341,9 +342,7 @@ def bench_sidecar(
             stderr=subprocess.DEVNULL,
         )
         dp.wait_port(nats_port)
-        snap = tmp / "snapshot.yaml"
-        snap.write_text(yaml_dump(dp.client_snapshot(upstream)))
-        setups: dict[str, tuple[int, int]] = {}
+        client_snap = dp.client_snapshot(upstream)
         variants: list[tuple[str, list[str], Path | None]] = [
             ("off", ["--no-telemetry"], None),
             ("on", ["--telemetry-nats", f"nats://127.0.0.1:{nats_port}"], None),
@@ -355,36 +354,23 @@ def bench_sidecar(
         if baseline:  # the same two, as of an older revision (before/after in one run)
             src = stack.checkout(baseline)
             variants += [(f"{n}@{baseline}", extra, src) for n, extra, _ in variants]
+        setups: dict[str, tuple[int, list[int]]] = {}
         for name, extra, src in variants:
-            env = None if src is None else {**os.environ, "PYTHONPATH": str(src)}
-            proc = stack.start(
-                [
-                    dp.MESH,
-                    "sidecar",
-                    "--service",
-                    f"bench-{len(setups)}",
-                    "--app-port",
-                    "1",
-                    "--config",
-                    str(snap),
-                    "--outbound-port",
-                    "0",
-                    "--inbound-port",
-                    "0",
-                    "--admin-port",
-                    "0",
-                    *extra,
-                ],
-                cwd=dp.ROOT,
-                env=env,
-            )
-            setups[name] = (stack.ready_line(proc, f"sidecar {name}")["outbound"], proc.pid)
-        for port, pid in setups.values():
-            dp.run_wrk(port, conns, 1, [pid])  # warm up
+            ports, pid = stack.sidecar(f"bench-{len(setups)}", 1, client_snap, tuple(extra), src)
+            setups[name] = (ports["outbound"], [pid])
+            if two_hops:  # client sidecar -> server sidecar (inbound) -> nginx
+                server, server_pid = stack.sidecar(
+                    "upstream", upstream, {"version": "bench"}, tuple(extra), src)
+                client, client_pid = stack.sidecar(
+                    f"bench-{len(setups)}", 1, dp.client_snapshot(server["inbound"]),
+                    tuple(extra), src)
+                setups[name + " 2hop"] = (client["outbound"], [client_pid, server_pid])
+        for port, pids in setups.values():
+            dp.run_wrk(port, conns, 1, pids)  # warm up
         samples: dict[str, list[Any]] = {name: [] for name in setups}
         for _ in range(rounds):
-            for name, (port, pid) in setups.items():
-                samples[name].append(dp.run_wrk(port, conns, seconds, [pid]))
+            for name, (port, pids) in setups.items():
+                samples[name].append(dp.run_wrk(port, conns, seconds, pids))
         med = {
             n: (
                 statistics.median(p.rps for p in pts),
@@ -398,12 +384,13 @@ def bench_sidecar(
             print(
                 f"telemetry {n:14s}  {rps:9.0f} rps   sidecar CPU {cpu:6.1f} µs/req   p50 {p50:6.0f} µs"
             )
-        for suffix in ("", f"@{baseline}") if baseline else ("",):
+        for suffix in [s + h for s in (("", f"@{baseline}") if baseline else ("",))
+                       for h in (("", " 2hop") if two_hops else ("",))]:
             on, off = med["on" + suffix], med["off" + suffix]
             loss = 1 - on[0] / off[0]
             cpu_loss = 1 - off[1] / on[1]
             print(
-                f"  {suffix or 'this tree'}: rps loss with telemetry on: {loss * 100:.1f}%, "
+                f"  {suffix.strip() or 'this tree'}: rps loss with telemetry on: {loss * 100:.1f}%, "
                 f"requests per CPU-second: -{cpu_loss * 100:.1f}% (CPU +{on[1] - off[1]:.1f} µs/req); "
                 f"goal <= 10%: {'met' if loss <= 0.10 else 'NOT met'}"
             )
@@ -438,12 +425,20 @@ def main() -> None:
         metavar="NAME=ARGS",
         help="(c) also a sidecar with these extra arguments ({nats}: the bench's NATS URL)",
     )
+    p.add_argument(
+        "--two-hops",
+        action="store_true",
+        help="(c) also client sidecar -> server sidecar -> nginx: the inbound hop, which "
+        "receives a traceparent and an x-request-id",
+    )
     args = p.parse_args()
     bench_request_path(args.calls)
     if not args.skip_ingest:
         trio.run(bench_ingest, args.sidecars, args.seconds)
     if not args.skip_sidecar:
-        bench_sidecar(args.rounds, args.point_seconds, 16, args.baseline, args.variant)
+        bench_sidecar(
+            args.rounds, args.point_seconds, 16, args.baseline, args.variant, args.two_hops
+        )
     print(json.dumps({"done": True}))
 
 

@@ -373,6 +373,9 @@ class SidecarTelemetry:
         ...forward with headers traceparent=hop.traceparent (+ tracestate if non-empty)...
         tel.end(hop, src=..., dst=..., dst_version=..., status=..., flags=..., ...)
 
+    The HTTP proxy does the same with `start_request_hop` and `requests_pending`
+    inlined (HttpProxy._request), because this is its hottest path.
+
     The bus is either given (`bus=`, e.g. in tests), attached later (`attach`/`detach`,
     e.g. by a component that owns the sidecar's NATS connection), or owned: with
     `nats=` URLs, `run` keeps its own connection, reconnecting after failures. While
@@ -393,8 +396,11 @@ class SidecarTelemetry:
         self.service = service
         self.instance = instance
         self.recorder = Recorder(opts.namespace, service, instance)
-        self._pending = self.recorder.pending  # end_request appends to it directly
         self.tracer = HopTracer(service, sample_ratio=opts.trace_sample_ratio)
+        # The proxy's hot path uses these two directly (HttpProxy._request): a hop from
+        # raw header bytes, and the queue `Recorder.record` appends to.
+        self.start_request_hop = self.tracer.start_request_hop
+        self.requests_pending = self.recorder.pending
         self.publisher = TelemetryPublisher(self.recorder, None, interval=opts.interval)
         self.shipper = SpanShipper(self.tracer, bus=None, otlp_endpoint=opts.otlp_endpoint)
         self.access_log = AccessLog(opts.access_log, service=service) if opts.access_log else None
@@ -425,43 +431,6 @@ class SidecarTelemetry:
         """At request start: the hop (span) whose `traceparent` goes upstream."""
         kind = SpanKind.CLIENT if outbound else SpanKind.SERVER
         return self.tracer.start_hop(name, traceparent, tracestate, kind=kind)
-
-    def begin_request(
-        self,
-        method: bytes,
-        target: bytes,
-        traceparent: bytes | None,
-        tracestate: bytes | None,
-        outbound: bool,
-    ) -> Hop:
-        """`begin` for the proxy's hot path: raw header values, the span name made only
-        when the hop is sampled (most are not)."""
-        return self.tracer.start_request_hop(
-            method, target, traceparent, tracestate, SpanKind.CLIENT if outbound else SpanKind.SERVER
-        )
-
-    def end_request(
-        self,
-        hop: Hop,
-        src: str,
-        dst: str,
-        dst_version: str,
-        status: int,
-        flags: str,
-        duration: float,
-        rx_bytes: int,
-        tx_bytes: int,
-        count: bool,
-    ) -> None:
-        """`end` for the proxy's hot path when there is no access log (positional
-        arguments: keyword passing of 16 arguments costs more than the recording)."""
-        if count:
-            pending = self._pending
-            pending.append((src, dst, dst_version, status, flags, duration, rx_bytes, tx_bytes))
-            if len(pending) >= FOLD_EVERY:
-                self.recorder.fold()
-        if hop.sampled:  # only a sampled hop has a span to end
-            hop.finish(status, flags)
 
     def end(
         self,

@@ -58,6 +58,10 @@ class RequestHead:
     upgrade: bool
     chunked: bool
     content_length: int | None
+    # W3C trace context, picked out while parsing (the proxy reads them per request):
+    # the first traceparent, and every tracestate field joined as RFC 9110 5.3 says.
+    traceparent: bytes | None = None
+    tracestate: bytes | None = None
 
     def get(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -186,6 +190,8 @@ class RequestReader(_Reader):
         self._body_bytes = 0
         self._url = b""
         self._hosts = 0
+        self._traceparent: bytes | None = None
+        self._tracestate: bytes | None = None
         self._parser = httptools.HttpRequestParser(self)
 
     def on_message_begin(self) -> None:
@@ -199,6 +205,8 @@ class RequestReader(_Reader):
         self._url = b""
         self._body_bytes = 0
         self._hosts = 0
+        self._traceparent = None
+        self._tracestate = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # _Reader.on_header, inlined, plus the Host check.
@@ -217,6 +225,12 @@ class RequestReader(_Reader):
             self._set_length(value)
         elif name == b"transfer-encoding" and b"chunked" in value.lower():
             self._chunked = True
+        elif name == b"traceparent":
+            if self._traceparent is None:
+                self._traceparent = value
+        elif name == b"tracestate":
+            state = self._tracestate
+            self._tracestate = value if state is None else state + b"," + value
         self._headers.append((name, value))
 
     def on_url(self, url: bytes) -> None:
@@ -244,7 +258,8 @@ class RequestReader(_Reader):
         # Positional: keyword arguments cost ~0.2 us more per head, twice a request.
         self.events.append((HEAD, RequestHead(
             p.get_method(), self._url, p.get_http_version(), self._headers,
-            p.should_keep_alive(), p.should_upgrade(), self._chunked, self._content_length)))
+            p.should_keep_alive(), p.should_upgrade(), self._chunked, self._content_length,
+            self._traceparent, self._tracestate)))
 
     def on_body(self, body: bytes) -> None:
         if self.max_body_bytes is not None:

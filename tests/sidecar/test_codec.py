@@ -243,3 +243,15 @@ def test_chunked_trailers_end_the_message_apart_from_the_head() -> None:
     resp = ResponseReader()
     resp.feed(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\nx-t: 1\r\n\r\n")
     assert list(resp.events)[-1] == (END, [(b"x-t", b"1")])
+
+
+def test_the_reader_picks_out_trace_context_while_parsing() -> None:
+    r = RequestReader()
+    r.feed(b"GET / HTTP/1.1\r\nHost: a\r\nTraceparent: first\r\ntraceparent: second\r\n"
+           b"tracestate: a=1\r\nTRACESTATE: b=2\r\n\r\n"
+           b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    heads = [v for k, v in r.events if k == HEAD]
+    assert isinstance(heads[0], RequestHead) and isinstance(heads[1], RequestHead)
+    assert (heads[0].traceparent, heads[0].tracestate) == (b"first", b"a=1,b=2")
+    assert (heads[1].traceparent, heads[1].tracestate) == (None, None)  # reset per message
+    assert heads[0].get(b"traceparent") == b"first"  # still forwarded-as-is headers too

@@ -151,8 +151,21 @@ def test_source_and_request_id_reach_the_app(mesh: Mesh) -> None:
     assert seen["x-request-id"] == "keep-me"
     assert seen["x-mesh-source"] == "productpage"
     _, _, body = request(mesh.client.outbound, "/anything", host="reviews")
-    generated = json.loads(body)["headers"]["x-request-id"]
+    seen = json.loads(body)["headers"]
+    generated = seen["x-request-id"]
     assert len(generated) == 32 and int(generated, 16) >= 0
+    # A request that starts a trace is named by it: one id finds its log lines and spans.
+    assert seen["traceparent"].split("-")[1] == generated
+    # Within a trace the app started, each request still gets an id of its own.
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    ids = set()
+    for _ in range(3):
+        _, _, body = request(mesh.client.outbound, "/anything", host="reviews",
+                             headers={"traceparent": parent})
+        seen = json.loads(body)["headers"]
+        assert seen["traceparent"].split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+        ids.add(seen["x-request-id"])
+    assert len(ids) == 3 and "4bf92f3577b34da6a3ce929d0e0e4736" not in ids
 
 
 def test_abort_fault_masked_by_client_retries(mesh: Mesh) -> None:

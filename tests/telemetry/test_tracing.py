@@ -301,9 +301,10 @@ def test_request_hop_decides_like_start_hop(ratio: float, incoming: str | None) 
     slow = a.start_hop("GET /p", incoming, "k=v" if incoming else None, kind=SpanKind.CLIENT)
     fast = b.start_request_hop(b"GET", b"/p?q=1", incoming.encode() if incoming else None,
                                b"k=v" if incoming else None, SpanKind.CLIENT)
-    assert (fast.sampled, fast.tracestate) == (slow.sampled, slow.tracestate)
-    assert (fast.trace_id, fast.span_id, fast.traceparent) == (
-        slow.trace_id, slow.span_id, slow.traceparent)
+    assert (fast.sampled, fast.tracestate, fast.new) == (slow.sampled, slow.tracestate, slow.new)
+    if incoming is not None and not fast.new:  # a new trace's ids come from a batch draw
+        assert (fast.trace_id, fast.span_id, fast.traceparent) == (
+            slow.trace_id, slow.span_id, slow.traceparent)
     assert parse_traceparent(fast.traceparent) is not None
     fast.finish(200)
     slow.finish(200)
@@ -342,3 +343,19 @@ def test_a_sampled_hops_sdk_span_has_the_ids_and_times_it_had_on_the_request_pat
     }
     assert not span.status.is_ok
     assert t.collector.take() == []
+
+
+def test_new_traces_drawn_in_batches_are_distinct_valid_and_sampled_at_the_ratio() -> None:
+    import random
+
+    from opentelemetry.trace import SpanKind
+
+    t = HopTracer("svc", sample_ratio=0.25, rng=random.Random(3))
+    hops = [t.start_request_hop(b"GET", b"/", None, None, SpanKind.CLIENT) for _ in range(4000)]
+    assert all(h.new for h in hops)
+    parsed = [parse_traceparent(h.traceparent) for h in hops]
+    assert all(p is not None for p in parsed)
+    assert len({h.trace_id for h in hops}) == len({h.span_id for h in hops}) == 4000
+    sampled = sum(h.sampled for h in hops)
+    assert 850 <= sampled <= 1150  # 1000 expected; sigma ~27
+    assert all(p is not None and p.sampled == h.sampled for p, h in zip(parsed, hops, strict=True))

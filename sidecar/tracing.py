@@ -285,9 +285,12 @@ class HopTracer:
         return self._span_hop(name, parent, state, kind, attributes)
 
     def _unsampled_child(self, parent: TraceParent, state: str) -> Hop:
-        """A hop in a trace someone else decided not to sample: a new span id, no span."""
-        span_id = f"{self._rng.getrandbits(64) | 1:016x}"
-        return Hop.of(parent.trace_id, span_id, parent.flags, state)
+        """A hop in a trace someone else decided not to sample: no span, so the parent's
+        ids go on unchanged (as version 00). W3C trace context lets a participant that
+        records nothing forward the parent-id it received; a new id would name a span
+        that nobody recorded, and an instrumented app behind this hop would lose its
+        real parent (the calling app's span)."""
+        return Hop.of(parent.trace_id, parent.parent_id, parent.flags, state)
 
     def _refill(self) -> Hop | None:
         """Decide and draw the next `_FRESH_BATCH` new traces at once (None: sampled; its
@@ -325,19 +328,17 @@ class HopTracer:
                 return hop
             name = f"{method.decode('latin-1')} {target.split(b'?', 1)[0].decode('latin-1')}"
             return self._span_hop(name, None, "", kind, None)
-        rng = self._rng
         if (
             _UNSAMPLED_00.fullmatch(traceparent) is not None
             and not traceparent.startswith(_ZERO_TRACE)
             and not traceparent.startswith(_ZERO_SPAN, 36)
         ):
-            # Most in-mesh requests: the caller's sidecar decided not to sample. Same
-            # trace id and flags, a new span id; no decoding, no span name.
-            span = hexlify((rng.getrandbits(64) | 1).to_bytes(8, "big"))
+            # Most in-mesh requests: the caller's sidecar decided not to sample. Forwarded
+            # as received (_unsampled_child says why); no decoding, no span name.
             state = b""
             if tracestate is not None:
                 state = clean_tracestate(tracestate.decode("latin-1")).encode("latin-1")
-            return Hop(None, traceparent[:36] + span + traceparent[52:], state, False)
+            return Hop(None, traceparent, state, False)
         tp = traceparent.decode("latin-1")
         state_str = tracestate.decode("latin-1") if tracestate is not None else None
         parent = parse_traceparent(tp)

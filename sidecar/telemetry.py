@@ -397,9 +397,10 @@ class SidecarTelemetry:
         self.instance = instance
         self.recorder = Recorder(opts.namespace, service, instance)
         self.tracer = HopTracer(service, sample_ratio=opts.trace_sample_ratio)
-        # The proxy's hot path uses these two directly (HttpProxy._request): a hop from
-        # raw header bytes, and the queue `Recorder.record` appends to.
+        # The proxy's hot path uses these directly (HttpProxy._request): a hop from raw
+        # header bytes, the next new traces' hops, and the queue `Recorder.record` fills.
         self.start_request_hop = self.tracer.start_request_hop
+        self.fresh_hops = self.tracer.fresh
         self.requests_pending = self.recorder.pending
         self.publisher = TelemetryPublisher(self.recorder, None, interval=opts.interval)
         self.shipper = SpanShipper(self.tracer, bus=None, otlp_endpoint=opts.otlp_endpoint)

@@ -4,8 +4,8 @@ Pure helpers parse and format ``traceparent``/``tracestate``
 (https://www.w3.org/TR/trace-context/). `HopTracer` makes one OpenTelemetry SDK
 span per sampled hop: a child of the incoming ``traceparent`` when there is one (a
 new trace otherwise). The first sidecar decides sampling (a ratio of new traces) and
-the others follow the flag it sends; an unsampled hop still forwards a traceparent
-with a fresh span id but makes no SDK span. Finished sampled spans are kept in
+the others follow the flag it sends; an unsampled hop makes no SDK span and forwards
+the traceparent it received (or a new one). Finished sampled spans are kept in
 memory until `SpanShipper` (a trio task, no threads) publishes them over NATS on
 ``mesh.spans.<service>`` (for `mesh trace ID`) and, when an endpoint is set,
 POSTs them as OTLP/HTTP protobuf to ``<endpoint>/v1/traces``.
@@ -246,7 +246,9 @@ class HopTracer:
         self.service = service
         self.sample_ratio = sample_ratio
         self._rng = rng or random.Random()
-        self._fresh: list[Hop | None] = []  # the next new traces' hops (_refill)
+        # The next new traces' hops, last first (_refill; None: sampled). The proxy pops
+        # unsampled ones itself: a call less per request.
+        self.fresh: list[Hop | None] = []
         self.collector = _Collector(self.materialize)
         self._ids = _IdSource()
         # The decision is ours (above); the SDK only sees hops that are sampled.
@@ -297,7 +299,7 @@ class HopTracer:
         ids are drawn when it starts) and return the first. Made in one tight loop from
         one block of random hex, an unsampled hop costs a third of what it costs when
         made between two requests."""
-        rng, ratio, fresh = self._rng, self.sample_ratio, self._fresh
+        rng, ratio, fresh = self._rng, self.sample_ratio, self.fresh
         while not fresh:
             block = hexlify(rng.randbytes(24 * _FRESH_BATCH))
             for i in range(0, 48 * _FRESH_BATCH, 48):
@@ -322,7 +324,7 @@ class HopTracer:
         """`start_hop` for the proxy: header values as received, and the span name
         ("METHOD /path") built only for a sampled hop. Same decisions, same ids."""
         if traceparent is None:
-            fresh = self._fresh
+            fresh = self.fresh
             hop = fresh.pop() if fresh else self._refill()
             if hop is not None:
                 return hop

@@ -104,6 +104,19 @@ def bench_request_path(calls: int) -> None:
         for _ in range(n):
             tracer.start_hop("GET /", None, None).finish(200)
 
+    from opentelemetry.trace import SpanKind
+
+    start = tracer.start_request_hop
+    parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+
+    def request_hop_new(n: int) -> None:
+        for _ in range(n):
+            start(b"GET", b"/", None, None, SpanKind.CLIENT)
+
+    def request_hop_child(n: int) -> None:
+        for _ in range(n):
+            start(b"GET", b"/", parent, None, SpanKind.SERVER)
+
     alog = AccessLog(io.StringIO())  # flushed in the loop: record + format + write
 
     def access(n: int) -> None:
@@ -137,6 +150,8 @@ def bench_request_path(calls: int) -> None:
     )
     hop_calls = max(1000, calls // 20)
     print(f"HopTracer hop, sampled out (start+end) {per_call_ns(hop, hop_calls):8.0f} ns/op")
+    print(f"  proxy's hop: new trace (batch-drawn)  {per_call_ns(request_hop_new, calls):8.0f} ns/op")
+    print(f"  proxy's hop: unsampled in-mesh parent {per_call_ns(request_hop_child, calls):8.0f} ns/op")
     print(f"AccessLog.record (format JSON line)    {per_call_ns(access, hop_calls):8.0f} ns/op")
     per_req_us = rec_ns / 1000
     print(

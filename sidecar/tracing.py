@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import trio
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.id_generator import IdGenerator
@@ -48,6 +49,10 @@ log = logging.getLogger("mesh.sidecar.tracing")
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _TRACESTATE_MAX = 512
+_EMPTY_CONTEXT = Context()
+# Finished sampled hops are made into SDK spans and shipped this many at a time, with a
+# checkpoint between batches, so a burst of sampled traffic does not stall the sidecar.
+_SHIP_CHUNK = 256
 MAX_PENDING_SPANS = 10_000
 
 
@@ -134,6 +139,11 @@ class _IdSource(IdGenerator):
     def generate_span_id(self) -> int:
         return self.span_id
 
+    def is_trace_id_random(self) -> bool:
+        # Every id a hop draws is random (HopTracer); the SDK then sets the W3C level-2
+        # random-trace-id flag (0x02), as the headers already sent say.
+        return True
+
 
 class _Collector(SpanProcessor):
     """Keeps finished sampled spans for the shipper (bounded; overflow is counted)."""
@@ -156,13 +166,23 @@ class _Collector(SpanProcessor):
         else:
             self.dropped += 1
 
-    def take(self) -> list[ReadableSpan]:
-        """The finished spans, as SDK spans."""
+    def take(self, limit: int | None = None) -> list[ReadableSpan]:
+        """The finished spans, as SDK spans; at most `limit` hops are made into spans per
+        call (the rest stay in `finished`)."""
         if self.finished:
-            finished, self.finished = self.finished, []
+            if limit is None or len(self.finished) <= limit:
+                finished, self.finished = self.finished, []
+            else:
+                finished, self.finished = self.finished[:limit], self.finished[limit:]
             self._materialize(finished)
         taken, self.pending = self.pending, []
         return taken
+
+    def discard(self) -> int:
+        """Drop every finished span without making it; returns how many."""
+        n = len(self.finished) + len(self.pending)
+        self.finished, self.pending = [], []
+        return n
 
 
 class Hop:
@@ -213,6 +233,7 @@ class Hop:
         deferred, collector = self._span, self._collector
         if deferred is None or collector is None:
             return
+        self._span = None  # a second finish must not record the span again
         deferred.end_ns = time.time_ns()
         attributes = deferred.attributes
         attributes["http.response.status_code"] = status
@@ -232,6 +253,8 @@ _ZERO_TRACE = b"00-" + b"0" * 32
 _ZERO_SPAN = b"0" * 16
 _ZERO_ID = b"0" * 32
 _FRESH_BATCH = 256
+# W3C trace context level 2: the trace id is random. Set on the traces this tracer starts.
+_RANDOM = 0x02
 
 
 class HopTracer:
@@ -278,7 +301,7 @@ class HopTracer:
                 # The common case: a new, unsampled trace. One draw gives both ids; the two
                 # forced bits keep them non-zero, as the spec requires.
                 ids = f"{rng.getrandbits(192) | _LOW_BITS:048x}"
-                return Hop.of(ids[:32], ids[32:], 0, "", new=True)
+                return Hop.of(ids[:32], ids[32:], _RANDOM, "", new=True)
             state = ""
         else:
             state = clean_tracestate(tracestate) if tracestate else ""
@@ -309,7 +332,7 @@ class HopTracer:
                 trace_id, span_id = block[i : i + 32], block[i + 32 : i + 48]
                 if trace_id == _ZERO_ID[:32] or span_id == _ZERO_ID[:16]:
                     continue  # all-zero ids are invalid (W3C); p = 2**-64
-                fresh.append(Hop(None, b"".join((b"00-", trace_id, b"-", span_id, b"-00")),
+                fresh.append(Hop(None, b"".join((b"00-", trace_id, b"-", span_id, b"-02")),
                                  b"", False, None, True))
         return fresh.pop()
 
@@ -358,7 +381,10 @@ class HopTracer:
         span_id = rng.getrandbits(64) | 1
         deferred = _Deferred(name, parent, trace_id, span_id, kind,
                              {"mesh.service": self.service, **(attributes or {})})
-        header = b"00-%032x-%016x-01" % (trace_id, span_id)
+        # The parent's flags with "sampled" set (its random flag, if any, stays true);
+        # a trace started here: sampled and random.
+        flags = (parent.flags | 1) & 0xFF if parent is not None else 1 | _RANDOM
+        header = b"00-%032x-%016x-%02x" % (trace_id, span_id, flags)
         return Hop(deferred, header, state.encode("latin-1", "replace"), True, self.collector,
                    parent is None)
 
@@ -368,7 +394,9 @@ class HopTracer:
         ids = self._ids
         start_span = self.tracer.start_span
         for d in finished:
-            context = None
+            # A root gets an empty context: a span current in the shipper's task must not
+            # become its parent (and lend it its trace id).
+            context = _EMPTY_CONTEXT
             parent = d.parent
             if parent is not None:
                 remote = SpanContext(
@@ -467,28 +495,36 @@ class SpanShipper:
         self.dropped = 0
 
     async def ship_once(self) -> None:
-        spans = self.tracer.collector.take()
-        if not spans:
-            return
+        collector = self.tracer.collector
         if self.bus is None and self.otlp_url is None:
-            self.dropped += len(spans)  # nowhere to send them (yet)
+            self.dropped += collector.discard()  # nowhere to send them (yet): not even made
             return
-        if self.bus is not None:
-            subject = subjects.spans(self.tracer.service)
-            for s in spans:
-                try:
-                    self.bus.publish_nowait(subject, span_record(s, self.tracer.service))
-                    self.published += 1
-                except (MeshError, trio.ClosedResourceError) as exc:
-                    log.debug("span not published: %s", exc)
-        if self.otlp_url is not None:
+        shipped: list[ReadableSpan] = []  # for the one OTLP POST
+        while True:
+            spans = collector.take(_SHIP_CHUNK)
+            bus = self.bus
+            if bus is not None:
+                subject = subjects.spans(self.tracer.service)
+                for s in spans:
+                    try:
+                        bus.publish_nowait(subject, span_record(s, self.tracer.service))
+                        self.published += 1
+                    except (MeshError, trio.ClosedResourceError) as exc:
+                        log.debug("span not published: %s", exc)
+            if self.otlp_url is not None:
+                shipped += spans
+            if not collector.finished:
+                break
+            # A burst of sampled traffic: let requests run between chunks.
+            await trio.lowlevel.checkpoint()
+        if self.otlp_url is not None and shipped:
             try:
-                status = await post(self.otlp_url, encode_otlp(spans), "application/x-protobuf")
+                status = await post(self.otlp_url, encode_otlp(shipped), "application/x-protobuf")
             except (OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 status = 0
                 log.warning("OTLP export to %s failed: %s", self.otlp_url, exc)
             if 200 <= status < 300:
-                self.exported += len(spans)
+                self.exported += len(shipped)
             else:
                 self.export_errors += 1
 

@@ -59,7 +59,8 @@ class RequestHead:
     chunked: bool
     content_length: int | None
     # W3C trace context, picked out while parsing (the proxy reads them per request):
-    # the first traceparent, and every tracestate field joined as RFC 9110 5.3 says.
+    # the traceparent (b"" when there were several), and every tracestate field joined
+    # as RFC 9110 5.3 says.
     traceparent: bytes | None = None
     tracestate: bytes | None = None
 
@@ -191,7 +192,7 @@ class RequestReader(_Reader):
         self._url = b""
         self._hosts = 0
         self._traceparent: bytes | None = None
-        self._tracestate: bytes | None = None
+        self._tracestate: list[bytes] | None = None  # every field, joined at the head's end
         self._parser = httptools.HttpRequestParser(self)
 
     def on_message_begin(self) -> None:
@@ -226,11 +227,14 @@ class RequestReader(_Reader):
         elif name == b"transfer-encoding" and b"chunked" in value.lower():
             self._chunked = True
         elif name == b"traceparent":
-            if self._traceparent is None:
-                self._traceparent = value
+            # Two traceparents: which one is meant cannot be known, so neither (W3C's
+            # test suite expects a new trace); b"" is invalid, hence a new trace.
+            self._traceparent = value if self._traceparent is None else b""
         elif name == b"tracestate":
-            state = self._tracestate
-            self._tracestate = value if state is None else state + b"," + value
+            if self._tracestate is None:
+                self._tracestate = [value]
+            else:
+                self._tracestate.append(value)
         self._headers.append((name, value))
 
     def on_url(self, url: bytes) -> None:
@@ -259,7 +263,8 @@ class RequestReader(_Reader):
         self.events.append((HEAD, RequestHead(
             p.get_method(), self._url, p.get_http_version(), self._headers,
             p.should_keep_alive(), p.should_upgrade(), self._chunked, self._content_length,
-            self._traceparent, self._tracestate)))
+            self._traceparent,
+            b",".join(self._tracestate) if self._tracestate is not None else None)))
 
     def on_body(self, body: bytes) -> None:
         if self.max_body_bytes is not None:

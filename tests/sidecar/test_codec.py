@@ -252,6 +252,7 @@ def test_the_reader_picks_out_trace_context_while_parsing() -> None:
            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     heads = [v for k, v in r.events if k == HEAD]
     assert isinstance(heads[0], RequestHead) and isinstance(heads[1], RequestHead)
-    assert (heads[0].traceparent, heads[0].tracestate) == (b"first", b"a=1,b=2")
+    # Two traceparents: neither is trusted (b"" is invalid: the hop starts a new trace).
+    assert (heads[0].traceparent, heads[0].tracestate) == (b"", b"a=1,b=2")
     assert (heads[1].traceparent, heads[1].tracestate) == (None, None)  # reset per message
-    assert heads[0].get(b"traceparent") == b"first"  # still forwarded-as-is headers too
+    assert heads[0].get(b"traceparent") == b"first"  # the header list is untouched

@@ -360,3 +360,52 @@ def test_new_traces_drawn_in_batches_are_distinct_valid_and_sampled_at_the_ratio
     sampled = sum(h.sampled for h in hops)
     assert 850 <= sampled <= 1150  # 1000 expected; sigma ~27
     assert all(p is not None and p.sampled == h.sampled for p, h in zip(parsed, hops, strict=True))
+
+
+def test_sampled_hops_keep_the_w3c_flags_the_sdk_span_has() -> None:
+    """Sent flags and the SDK span's flags agree: sampled, and the level-2 random-trace-id
+    flag for traces started here (kept from a parent that had it)."""
+    from opentelemetry import trace as otel_trace
+    from opentelemetry.trace import SpanKind
+
+    t = HopTracer("svc", sample_ratio=1.0)
+    root = t.start_request_hop(b"GET", b"/", None, None, SpanKind.CLIENT)
+    child = t.start_request_hop(b"GET", b"/", (TP[:-2] + "03").encode(), None, SpanKind.SERVER)
+    assert root.traceparent.endswith("-03") and child.traceparent.endswith("-03")
+    assert HopTracer("x", sample_ratio=0.0).start_request_hop(
+        b"GET", b"/", None, None, SpanKind.CLIENT).traceparent.endswith("-02")
+    # A span current in the shipper's task must not adopt a root made there.
+    other = t.tracer.start_span("unrelated")
+    root.finish(200)
+    child.finish(200)
+    root.finish(200)  # a second finish records nothing more
+    with otel_trace.use_span(other):
+        spans = t.collector.take()
+    assert len(spans) == 2
+    by_id = {f"{s.get_span_context().span_id:016x}": s for s in spans}  # type: ignore[union-attr]
+    for hop in (root, child):
+        ctx = by_id[hop.span_id].get_span_context()
+        assert ctx is not None and f"{ctx.trace_id:032x}" == hop.trace_id
+        assert f"{int(ctx.trace_flags):02x}" == hop.traceparent[-2:]
+    assert by_id[root.span_id].parent is None
+
+
+async def test_spans_with_nowhere_to_go_are_dropped_without_being_made() -> None:
+    from opentelemetry.trace import SpanKind
+
+    from sidecar.tracing import SpanShipper
+
+    t = HopTracer("svc", sample_ratio=1.0)
+    for _ in range(600):
+        t.start_request_hop(b"GET", b"/", None, None, SpanKind.CLIENT).finish(200)
+    made: list[int] = []
+    materialize = t.materialize
+    t.collector._materialize = lambda f: (made.append(len(f)), materialize(f))  # type: ignore[assignment]
+    shipper = SpanShipper(t)  # no bus, no OTLP endpoint
+    await shipper.ship_once()
+    assert shipper.dropped == 600 and made == [] and not t.collector.finished
+    # With somewhere to go, they are made in chunks (the shipper checkpoints between them).
+    for _ in range(600):
+        t.start_request_hop(b"GET", b"/", None, None, SpanKind.CLIENT).finish(200)
+    assert len(t.collector.take(256)) == 256 and len(t.collector.finished) == 344
+    assert made == [256]

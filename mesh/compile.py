@@ -142,7 +142,9 @@ def _inbound(resources: ResourceSet, service: str, defaults: dict[str, Any]) -> 
     for p in policies:
         for rule in p.spec["rules"]:
             out_rule: dict[str, Any] = {"action": p.spec["action"]}
-            for key in ("source", "path", "methods"):
+            # `source` stays bare: the enforcing sidecar scopes it to its own namespace (the
+            # resources carry none), so only an explicit `namespace` is written here.
+            for key in ("source", "namespace", "path", "methods"):
                 if rule.get(key) is not None:
                     out_rule[key] = rule[key]
             rules.append(out_rule)

@@ -364,6 +364,9 @@ SPECS: dict[str, Check] = {
                 _obj(
                     {
                         "source": _name,
+                        # The caller's namespace; without it a `source` means the service
+                        # account in the destination's own namespace (sidecar/authz.py).
+                        "namespace": _name,
                         "path": _string_match(allow_present=False),
                         "methods": _methods,
                     }

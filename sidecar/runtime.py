@@ -31,8 +31,12 @@ _ANY = Match()
 
 class Runtime:
     def __init__(self, snapshot: Snapshot, app_port: int, rng: random.Random,
-                 clock: Callable[[], float], previous: Runtime | None = None) -> None:
+                 clock: Callable[[], float], previous: Runtime | None = None,
+                 namespace: str | None = None) -> None:
+        """`namespace`: the sidecar's own (from its SPIFFE ID; None without an identity),
+        which scopes authorization rules that name a `source` but no `namespace`."""
         self.snapshot = snapshot
+        self.namespace = namespace
         self.limits = snapshot.limits
         old = previous.clusters if previous is not None else {}
         self.clusters: dict[str, ClusterState] = {
@@ -52,7 +56,7 @@ class Runtime:
         self.inbound_route = CompiledRoute(
             Route(name="inbound", match=_ANY, cluster=APP_CLUSTER, split=(("app", 1),),
                   timeout=snapshot.inbound.timeout), self.app_cluster, rng)
-        self.authz = Authorizer(snapshot.inbound.authz)
+        self.authz = Authorizer(snapshot.inbound.authz, namespace)
         self.inbound_faults = [(Matcher(f.match), f.fault) for f in snapshot.inbound.faults]
 
     def inbound_fault(self, head: RequestHead, source: str | None) -> Fault | None:

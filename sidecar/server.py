@@ -100,6 +100,13 @@ class Sidecar:
             self.pool.tls = self._upstream_tls.connect
         self.stats.cert_expiry = agent.seconds_to_expiry
         self._identity_mode = mode
+        # Authorization scopes a bare `source` to our own namespace, known only from now on.
+        self._runtime = Runtime(self._runtime.snapshot, self.opts.app_port, self._rng,
+                                time.monotonic, previous=self._runtime,
+                                namespace=self._namespace())
+
+    def _namespace(self) -> str | None:
+        return self._agent.identity.namespace if self._agent is not None else None
 
     def certs(self) -> dict[str, Any] | None:
         """For the admin `/certs`: the current chain and the trust bundle (never the key)."""
@@ -170,7 +177,7 @@ class Sidecar:
         try:
             check_snapshot(snapshot, self.opts)
             runtime = Runtime(snapshot, self.opts.app_port, self._rng, time.monotonic,
-                              previous=self._runtime)
+                              previous=self._runtime, namespace=self._namespace())
         except ConfigError as exc:
             self.stats.reloads_failed += 1
             log.error("snapshot refused, keeping version %s: %s",

@@ -44,8 +44,9 @@ class TcpInbound:
         app: trio.SocketStream | None = None
         src = peer.service_account if peer is not None else "unknown"
         try:
-            inbound = self._runtime().snapshot.inbound
-            reason = check_tcp(inbound.authz, peer)
+            rt = self._runtime()
+            inbound = rt.snapshot.inbound
+            reason = check_tcp(inbound.authz, peer, rt.namespace)
             if reason is not None:
                 self.recorder.deny("destination", src, self.service, self.version)
                 logged, held = _throttle.allow("deny")

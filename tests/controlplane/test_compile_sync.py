@@ -83,6 +83,21 @@ def test_mesh_wide_default_deny_closes_services_no_policy_opens() -> None:
         as_set(bad)
 
 
+def test_authz_source_stays_bare_and_an_explicit_namespace_is_compiled() -> None:
+    # A bare source is scoped by the enforcing sidecar to its own namespace; a rule naming
+    # `namespace` opens the service to that service account in that namespace only.
+    resources = merged(as_set(GOOD), parse_text(
+        "kind: AuthorizationPolicy\nname: pp-from-ops\nspec: {service: reviews, action: allow, "
+        "rules: [{source: productpage, namespace: ops}]}", "ns.yaml"))
+    rv = Snapshot.from_dict(compile_service(resources, EPS, "reviews").snapshot).inbound.authz
+    assert rv is not None
+    assert [(r.source, r.namespace) for r in rv.rules] == [
+        ("productpage", "ops"), ("productpage", None)]
+    with pytest.raises(ConfigError, match=r"spec\.rules\[0\]\.namespace: 'Ops' is not a valid"):
+        parse_text("kind: AuthorizationPolicy\nname: bad\nspec: {service: reviews, "
+                   "action: allow, rules: [{source: productpage, namespace: Ops}]}", "bad.yaml")
+
+
 def test_a_mirror_compiles_to_the_routes_cluster_and_subset() -> None:
     resources = merged(as_set(GOOD), parse_text(
         "kind: Route\nname: reviews\nspec: {service: reviews, rules: [{split: {v1: 1}, "

@@ -127,6 +127,14 @@ async def test_mtls_identity_refusals_and_authz(nats_server: NatsServer, procs: 
     good = pki.Svid(mesh.ca.ca.sign_csr(pki.build_csr(key, checkout_id), checkout_id), key)
     status, _, body = await http(inventory.inbound, ctx=pki.client_context(good, bundle))
     assert status == 200 and app_headers(body)["x-mesh-peer-identity"] == ident("checkout")
+    # The policy's bare `source: checkout` means checkout in inventory's own namespace: a
+    # valid SVID of the same service account in another namespace is another caller.
+    evil_id = SpiffeId(TD, "evil", "checkout")
+    key = pki.generate_key()
+    evil = pki.Svid(mesh.ca.ca.sign_csr(pki.build_csr(key, evil_id), evil_id), key)
+    status, hdrs, _ = await http(inventory.inbound, ctx=pki.client_context(evil, bundle))
+    assert status == 403 and hdrs["x-mesh-flags"] == "DENY", (status, hdrs)
+    assert evil_id.uri in hdrs["x-mesh-reason"]
 
     # Admin: /certs (chain + bundle, never the key) and the expiry gauge.
     status, body = await admin_get(inventory.admin, "/certs")

@@ -115,6 +115,15 @@ async def test_tcp_over_mtls_plaintext_refused_and_authz_by_identity(
     good = pki.Svid(mesh.ca.ca.sign_csr(pki.build_csr(key, who), who), key)
     assert await echo(stock.inbound, b"direct", pki.client_context(good, mesh.ca.ca.bundle)) \
         == b"direct"
+    # `source: checkout` is checkout in stock's own namespace: the same service account in
+    # another namespace, with a valid SVID, is closed like any caller no rule allows.
+    evil_id = SpiffeId(TD, "evil", "checkout")
+    key = pki.generate_key()
+    evil = pki.Svid(mesh.ca.ca.sign_csr(pki.build_csr(key, evil_id), evil_id), key)
+    assert await echo(stock.inbound, b"evil", pki.client_context(evil, mesh.ca.ca.bundle)) == b""
+    with trio.fail_after(5):
+        while await metric(stock.admin, "mesh_tcp_connections_denied_total", src) < 1:
+            await trio.sleep(0.05)
 
     # The caller refuses a server presenting another service's identity.
     imposter = await sidecar(mesh, procs, nats, "imposter", 1, {

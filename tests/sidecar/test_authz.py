@@ -17,10 +17,11 @@ REVIEWS = SpiffeId("t.mesh", "shop", "reviews")
 OUTSIDER = SpiffeId("t.mesh", "other", "checkout")
 
 
-def authorizer(authz: dict[str, Any]) -> Authorizer:
+def authorizer(authz: dict[str, Any], namespace: str | None = "shop") -> Authorizer:
+    """As the sidecar builds it; `namespace` is the sidecar's own (from its SPIFFE ID)."""
     snap = Snapshot.from_dict({"version": "1", "inbound": {"authz": authz}})
     assert Snapshot.from_dict(snap.to_dict()) == snap
-    return Authorizer(snap.inbound.authz)
+    return Authorizer(snap.inbound.authz, namespace)
 
 
 def head(method: str = "GET", path: str = "/") -> RequestHead:
@@ -40,6 +41,35 @@ def test_allow_rules_deny_the_rest_and_deny_wins() -> None:
     assert a.check(REVIEWS, None, head()) is None
     assert a.check(REVIEWS, None, head("POST")) is not None
     assert a.check(None, None, head()) is not None  # identity rules need a verified caller
+
+
+def test_source_without_namespace_means_the_sidecars_own_namespace() -> None:
+    frontend = SpiffeId("t.mesh", "shop", "frontend")
+    evil_frontend = SpiffeId("t.mesh", "evil", "frontend")
+    a = authorizer({"rules": [{"action": "allow", "source": "frontend"}]})
+    assert a.check(frontend, None, head()) is None
+    denied = a.check(evil_frontend, None, head())
+    assert denied is not None and evil_frontend.uri in denied
+    # An explicit namespace is the rule's own scope, whatever the sidecar's namespace.
+    other = authorizer({"rules": [{"action": "allow", "source": "frontend", "namespace": "evil"}]})
+    assert other.check(evil_frontend, None, head()) is None
+    assert other.check(frontend, None, head()) is not None
+    # Deny rules are scoped the same way: the same name in another namespace is another caller.
+    deny = authorizer({"rules": [{"action": "deny", "source": "frontend"}]})
+    assert deny.check(frontend, None, head()) is not None
+    assert deny.check(evil_frontend, None, head()) is None
+    # The declared source of a sidecar without identity carries no namespace: as before.
+    assert authorizer({"rules": [{"action": "allow", "source": "frontend"}]}, None).check(
+        None, "frontend", head()) is None
+
+
+def test_bare_source_fails_closed_when_the_own_namespace_is_unknown() -> None:
+    frontend = SpiffeId("t.mesh", "shop", "frontend")
+    allow = authorizer({"rules": [{"action": "allow", "source": "frontend"}]}, None)
+    assert allow.check(frontend, None, head()) is not None
+    deny = authorizer({"rules": [{"action": "deny", "source": "frontend"}]}, None)
+    assert deny.check(SpiffeId("t.mesh", "evil", "frontend"), None, head()) is not None
+    assert deny.check(REVIEWS, None, head()) is None
 
 
 def test_declared_source_only_without_identity() -> None:

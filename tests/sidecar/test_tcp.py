@@ -18,8 +18,8 @@ OTHER_NS = SpiffeId("td", "ops", "checkout")
 def test_tcp_authz_matches_identity_fields_and_never_allows_by_http_only_rules() -> None:
     assert check_tcp(None, None) is None
     only_checkout = Authz(rules=(AuthzRule("allow", source="checkout"),))
-    assert check_tcp(only_checkout, CHECKOUT) is None
-    reason = check_tcp(only_checkout, REVIEWS)
+    assert check_tcp(only_checkout, CHECKOUT, "shop") is None
+    reason = check_tcp(only_checkout, REVIEWS, "shop")
     assert reason is not None and "spiffe://td/ns/shop/sa/reviews" in reason
     assert check_tcp(only_checkout, None) is not None  # plaintext: no identity to match
     # An allow rule with an HTTP-only field allows no TCP, whoever calls.
@@ -33,6 +33,24 @@ def test_tcp_authz_matches_identity_fields_and_never_allows_by_http_only_rules()
     assert check_tcp(Authz(default="deny"), CHECKOUT) is not None
     by_id = Authz(rules=(AuthzRule("allow", identity=CHECKOUT.uri),))
     assert check_tcp(by_id, CHECKOUT) is None and check_tcp(by_id, OTHER_NS) is not None
+
+
+def test_tcp_authz_scopes_a_bare_source_to_the_sidecars_own_namespace() -> None:
+    frontend = SpiffeId("td", "shop", "frontend")
+    evil_frontend = SpiffeId("td", "evil", "frontend")
+    allow = Authz(rules=(AuthzRule("allow", source="frontend"),))
+    assert check_tcp(allow, frontend, "shop") is None
+    reason = check_tcp(allow, evil_frontend, "shop")
+    assert reason is not None and evil_frontend.uri in reason
+    explicit = Authz(rules=(AuthzRule("allow", source="frontend", namespace="evil"),))
+    assert check_tcp(explicit, evil_frontend, "shop") is None
+    assert check_tcp(explicit, frontend, "shop") is not None
+    deny = Authz(rules=(AuthzRule("deny", source="frontend"),))
+    assert check_tcp(deny, frontend, "shop") is not None
+    assert check_tcp(deny, evil_frontend, "shop") is None
+    # Own namespace unknown: a bare source cannot be scoped, so fail closed both ways.
+    assert check_tcp(allow, frontend, None) is not None
+    assert check_tcp(deny, evil_frontend, None) is not None
 
 
 async def _pair() -> tuple[trio.SocketStream, trio.SocketStream]:

@@ -14,7 +14,17 @@ State, all in the ``mesh_ca`` KV bucket, none of it secret in clear:
   every change and every ``announce_interval``), for agents and tools that start later. It is
   signed once per change (mesh/pki_announce.py) and republished as stored, so the old root's
   signature on a rotation's overlap bundle survives a failover.
-* ``rotation``: when a rotation is in progress, when it started and the old roots.
+* ``rotation``: when a rotation is in progress, when it started, the old roots and the leaf
+  TTL then.
+
+The applied MeshConfig (KV ``mesh_config/resources``, written by `mesh apply`; the same key the
+config actor compiles from) is followed by every replica, leader or not, so a standby that takes
+over already knows it: ``cert_ttl_hours`` sets the lifetime of every leaf signed from then on,
+first issues and renewals alike (``leaf_ttl()``; without it, ``CaConfig.leaf_ttl``). Leaves
+already out keep their expiry and renew at their usual point of life, then get the new TTL.
+``trust_domain`` cannot be followed -- it is in the root and in every leaf -- so a different
+value is refused: `mesh apply` refuses it when a CA has announced its bundle; one stored before
+any CA ran is refused here, in the log and in `mesh ca status`, and the CA keeps its own.
 
 Join tokens live in ``mesh_tokens`` (``mesh.tokens``: hashed, CAS-redeemed).
 
@@ -38,23 +48,24 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from actors.ca_config import CaConfig, CaConfigError, KvTokenStore
+from actors.ca_config import CaConfig, CaConfigError, KvTokenStore, meshconfig_leaf_ttl
 from actors.lease import Lease, LeaseTerm, open_leases
 from actors.runtime import ActorContext
 from bus import subjects
 from bus.client import Bus
 from bus.errors import KVConflict
-from bus.kv import KV, open_kv
+from bus.kv import INITIAL_DONE, KV, KVEntry, open_kv
 from bus.subscription import Subscription
 from mesh import pki
-from mesh.errors import BusError, IdentityError, MeshError
+from mesh.concurrency import unwrap_single
+from mesh.errors import BusError, ConfigError, IdentityError, MeshError
 from mesh.messages import (
     BundleAnnounce,
     CaCommand,
@@ -69,6 +80,8 @@ from mesh.messages import (
 from mesh.pki_announce import SigningKey, sign_announcement
 from mesh.pki_csr import checked_csr_key
 from mesh.pki_errors import CsrRefused
+from mesh.resources import ResourceSet, check_trust_domain, decode_set
+from mesh.resources_store import Store
 from mesh.tokens import key_fingerprint, redeem_token
 
 log = logging.getLogger("mesh.ca")
@@ -106,6 +119,15 @@ class CaActor:
         self.leading = trio.Event()  # set while this replica serves as leader
         self.signed = 0
         self.refused = 0
+        self._mesh_resources: ResourceSet = {}  # the applied resource set, for MeshConfig
+        self._mesh_revision = 0  # its KV revision (also of a refused one, not to re-log it)
+        self._mesh_ttl: timedelta | None = None
+        # Why the applied MeshConfig is not followed (a foreign trust domain), "" if it is.
+        self.mesh_config_problem = ""
+
+    def leaf_ttl(self) -> timedelta:
+        """Lifetime of the next leaf: MeshConfig ``cert_ttl_hours`` if applied, else ours."""
+        return self._mesh_ttl if self._mesh_ttl is not None else self._config.leaf_ttl
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -119,7 +141,95 @@ class CaActor:
         leases = await open_leases(bus, replicas=config.kv_replicas)
         lease = Lease(leases, LEASE_NAME, ctx.replica, ttl=config.lease_ttl)
         lead = functools.partial(self._lead, ctx, config, kv_ca, KvTokenStore(kv_tokens))
-        await lease.run_as_leader(lead, task_status=task_status)
+        store = await Store.open(bus)
+        # unwrap_single: the supervisor and callers see a leader's failure (a SealError) as
+        # itself, as before this nursery existed.
+        with unwrap_single():
+            async with trio.open_nursery() as nursery:
+                # Read before competing for the lease, so a new leader's very first leaf already
+                # has the applied TTL.
+                await nursery.start(self._follow_mesh_config, store)
+                await lease.run_as_leader(lead, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+    # -- the applied MeshConfig -----------------------------------------------------------------
+
+    async def _follow_mesh_config(
+        self, store: Store, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with store.kv.watch(subjects.CONFIG_KEY) as watch:
+            async for item in watch:
+                if item is INITIAL_DONE:
+                    break
+                if isinstance(item, KVEntry):
+                    self._take_mesh_config(item)
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._poll_mesh_config, store)
+                try:
+                    async for item in watch:
+                        if isinstance(item, KVEntry):
+                            self._take_mesh_config(item)
+                except Exception as exc:
+                    # Whatever breaks the watch (errors of the NATS client come through raw
+                    # here) must not end this actor and with it a leader's term: polling
+                    # keeps following the configuration.
+                    log.warning("CA: configuration watch ended (%s); following it by polling", exc)
+
+    async def _poll_mesh_config(self, store: Store) -> None:
+        while True:
+            await trio.sleep(self._config.config_poll)
+            try:
+                entry = await store.kv.get(subjects.CONFIG_KEY)
+            except MeshError as exc:
+                log.debug("CA: reading the applied configuration: %s", exc)
+                continue
+            if entry is not None:
+                self._take_mesh_config(entry)
+
+    def _take_mesh_config(self, entry: KVEntry) -> None:
+        if entry.revision <= self._mesh_revision:
+            return
+        self._mesh_revision = entry.revision
+        resources: ResourceSet = {}
+        if not entry.deleted and entry.value:
+            try:
+                resources, _ = decode_set(entry.value)
+            except ConfigError as exc:  # written by something that skipped validation
+                log.error(
+                    "CA: configuration revision %d refused, leaf TTL stays %s: %s",
+                    entry.revision,
+                    self.leaf_ttl(),
+                    exc,
+                )
+                return
+        self._mesh_resources = resources
+        ttl = meshconfig_leaf_ttl(resources)
+        if ttl != self._mesh_ttl:
+            self._mesh_ttl = ttl
+            log.info(
+                "CA: leaf TTL %s from configuration revision %d (%s)",
+                self.leaf_ttl(),
+                entry.revision,
+                "MeshConfig cert_ttl_hours" if ttl is not None else "no cert_ttl_hours: CA setting",
+            )
+        self._check_trust_domain()
+
+    def _check_trust_domain(self) -> None:
+        """Only a leader knows its root, hence its trust domain: a standby checks on taking
+        over."""
+        ca = self.ca
+        if ca is None:
+            return
+        try:
+            check_trust_domain(self._mesh_resources, ca.trust_domain)
+        except ConfigError as exc:
+            problem = f"MeshConfig refused: {exc}; the CA keeps signing for {ca.trust_domain!r}"
+            if problem != self.mesh_config_problem:
+                log.error("CA: %s", problem)
+            self.mesh_config_problem = problem
+            return
+        self.mesh_config_problem = ""
 
     async def _lead(
         self,
@@ -132,6 +242,7 @@ class CaActor:
         try:
             revision = await self._load_or_create(config, kv_ca)
             assert self.ca is not None
+            self._check_trust_domain()
             log.info(
                 "%s: CA leader for %s, signing root %s",
                 ctx.replica,
@@ -148,6 +259,7 @@ class CaActor:
         finally:
             self.ca = None
             self.leading = trio.Event()
+            self.mesh_config_problem = ""
 
     async def _load_or_create(self, config: CaConfig, kv: KV) -> int:
         """Unseal the CA from KV, or make (generate / load operator files) and store it."""
@@ -328,17 +440,18 @@ class _LeaderState:
 
     async def handle_csr(self, req: CsrRequest) -> CsrReply:
         ca = self.ca  # one CA for the whole request, even if a rotation lands meanwhile
+        ttl = self.actor.leaf_ttl()
         try:
             ident = pki.parse_spiffe_id(req.identity, trust_domain=ca.trust_domain)
             if req.chain:
                 chain = pki.IssuedSvid.from_der(req.chain).chain
                 pki.verify_renewal(chain, req.proof, req.csr, ca.bundle, ident)
-                issued = ca.sign_csr(req.csr, ident, ttl=self.config.leaf_ttl)
+                issued = ca.sign_csr(req.csr, ident, ttl=ttl)
             elif req.token:
                 # CSR first, so a bad CSR does not spend a token use.
                 _, pub = checked_csr_key(req.csr, ident, allowed_curves=ca.allowed_curves)
                 await redeem_token(self.store, req.token, ident, key=key_fingerprint(pub))
-                issued = ca.issue(ident, pub, ttl=self.config.leaf_ttl)
+                issued = ca.issue(ident, pub, ttl=ttl)
             else:
                 raise CsrRefused(
                     "the request carries no credential: send a join token (first "
@@ -407,10 +520,13 @@ class _LeaderState:
         if cmd.action == "status":
             rotation = await self._rotation_state()
             if rotation is None:
-                return self.status(True, "no rotation in progress")
-            return self.status(
-                True, f"rotation in progress since {_iso(rotation['introduced_at'])}"
-            )
+                message = "no rotation in progress"
+            else:
+                message = f"rotation in progress since {_iso(rotation['introduced_at'])}"
+            message += f"; leaf TTL {self.actor.leaf_ttl()}"
+            if self.actor.mesh_config_problem:
+                message += f"\n{self.actor.mesh_config_problem}"
+            return self.status(True, message)
         if cmd.action == "rotate":
             return await self._rotate()
         if cmd.action == "retire":
@@ -455,7 +571,12 @@ class _LeaderState:
         await self.kv.put(
             KEY_ROTATION,
             json.dumps(
-                {"introduced_at": self.actor._clock(), "old_roots": old.bundle.fingerprints()}
+                {
+                    "introduced_at": self.actor._clock(),
+                    "old_roots": old.bundle.fingerprints(),
+                    # The TTL may change before retirement; old leaves got this one.
+                    "leaf_ttl": self.actor.leaf_ttl().total_seconds(),
+                }
             ).encode(),
         )
         # Agents trust only the old root yet: its signature is what lets them accept the new.
@@ -465,7 +586,7 @@ class _LeaderState:
         return self.status(
             True,
             f"new root {fp[:16]} signs from now on; both roots are trusted. Agents renew early; "
-            f"retire the old root after {self.config.leaf_ttl} with `mesh ca rotate --retire`",
+            f"retire the old root after {self.actor.leaf_ttl()} with `mesh ca rotate --retire`",
         )
 
     async def _retire(self, *, force: bool) -> CaCommandReply:
@@ -475,7 +596,12 @@ class _LeaderState:
         rotation = await self._rotation_state()
         introduced = rotation.get("introduced_at") if rotation else None
         if isinstance(introduced, int | float):
-            safe_at = introduced + self.config.leaf_ttl.total_seconds()
+            then = rotation.get("leaf_ttl") if rotation else None
+            longest = max(
+                then if isinstance(then, int | float) else 0.0,
+                self.actor.leaf_ttl().total_seconds(),
+            )
+            safe_at = introduced + longest
             if self.actor._clock() < safe_at and not force:
                 return self.status(
                     False,

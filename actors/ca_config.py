@@ -6,7 +6,8 @@ Environment of each control-plane replica (the CA actor reads it at start):
 ``MESH_CA_SECRET``         operator secret sealing the CA key in KV (>= 16 bytes), or
 ``MESH_CA_SECRET_FILE``    a file holding it (first line). One of the two is required.
 ``MESH_TRUST_DOMAIN``      trust domain of a freshly generated root (default ``mesh.local``)
-``MESH_CA_LEAF_TTL``       leaf lifetime: ``24h`` (default), ``90m``, ``300s``, or seconds
+``MESH_CA_LEAF_TTL``       leaf lifetime: ``24h`` (default), ``90m``, ``300s``, or seconds;
+                           an applied MeshConfig ``cert_ttl_hours`` overrides it
 ``MESH_CA_CERT``           operator CA certificate (+ chain, PEM) instead of a generated root
 ``MESH_CA_KEY``            its private key (PEM); ``MESH_CA_KEY_PASSWORD`` if encrypted
 ``MESH_CA_BUNDLE``         roots (PEM) when ``MESH_CA_CERT`` is an intermediate without its root
@@ -14,6 +15,10 @@ Environment of each control-plane replica (the CA actor reads it at start):
 =========================  =====================================================================
 
 The secret never travels on NATS: every CA replica gets it from its own environment or file.
+
+The applied MeshConfig (the resource set in KV ``mesh_config/resources``, the one the config
+actor compiles from) is the user's word and wins over the environment for the leaf lifetime:
+``meshconfig_leaf_ttl`` reads it. Its ``trust_domain`` is only checked against the CA's root.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from mesh import pki_ca
 from mesh.errors import ConfigError
 from mesh.pki_ca import DEFAULT_LEAF_TTL
 from mesh.pki_seal import MIN_SECRET_BYTES
+from mesh.resources import ResourceSet
 from mesh.tokens import TokenRecord
 
 log = logging.getLogger("mesh.ca")
@@ -45,6 +51,7 @@ __all__ = [
     "CaConfigError",
     "KvTokenStore",
     "ensure_embedded_secret",
+    "meshconfig_leaf_ttl",
     "parse_duration",
 ]
 
@@ -98,6 +105,9 @@ class CaConfig:
     announce_interval: float = 10.0
     kv_replicas: int = 1
     workers: int = 32
+    # A KV watch can die silently when the server restarts; the stored MeshConfig is also
+    # read this often so a changed cert_ttl_hours is never missed for long.
+    config_poll: float = 5.0
 
     def __repr__(self) -> str:  # never show the secret or the key
         return (
@@ -151,6 +161,13 @@ class CaConfig:
             key_password=password.encode() if password else None,
             kv_replicas=replicas,
         )
+
+
+def meshconfig_leaf_ttl(resources: ResourceSet) -> timedelta | None:
+    """MeshConfig ``spec.cert_ttl_hours`` of an (already validated) resource set, if set."""
+    config = resources.get(("MeshConfig", "default"))
+    hours = config.spec.get("cert_ttl_hours") if config is not None else None
+    return None if hours is None else timedelta(hours=hours)
 
 
 def ensure_embedded_secret(state_dir: Path) -> tuple[Path, bool]:

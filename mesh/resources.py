@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 
 from mesh.errors import ConfigError
+from mesh.pki_errors import SpiffeIdError
+from mesh.spiffe import validate_trust_domain
 
 KINDS = ("Service", "Route", "DestinationPolicy", "AuthorizationPolicy", "MeshConfig")
 # Short names accepted by the CLI (`mesh get route`), all lower case.
@@ -150,6 +152,13 @@ def _num(lo: float, hi: float) -> Check:
         return v.value
 
     return check
+
+
+def _trust_domain(v: _V) -> str:
+    try:
+        return validate_trust_domain(_str(v))
+    except SpiffeIdError as exc:
+        raise v.fail(str(exc)) from None
 
 
 def _bool(v: _V) -> bool:
@@ -378,7 +387,10 @@ SPECS: dict[str, Check] = {
     ),
     "MeshConfig": _obj(
         {
-            "trust_domain": _str,
+            # Must equal the running CA's trust domain (check_trust_domain): it is fixed by
+            # the CA's root, which an apply cannot replace.
+            "trust_domain": _trust_domain,
+            # Leaf lifetime of new certificates and renewals; the CA follows it at once.
             "cert_ttl_hours": _num(0.1, 24 * 366),
             "defaults": _obj(
                 {
@@ -620,6 +632,33 @@ def validate_set(resources: ResourceSet) -> None:
                     need_service(r, f"spec.rules[{i}].source", rule["source"])
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def check_trust_domain(
+    resources: ResourceSet, ca_trust_domain: str, *, stored: ResourceSet | None = None
+) -> None:
+    """Refuse a MeshConfig whose ``trust_domain`` is not the running CA's.
+
+    The trust domain is baked into the CA's root and every leaf, so it cannot follow an apply.
+    With ``stored``, a value already stored passes unchanged: a MeshConfig written before any
+    CA existed must not block unrelated changes (a canary rollback) later; the CA itself
+    refuses it and says so in its log and in `mesh ca status`.
+    """
+    key = ("MeshConfig", "default")
+    config = resources.get(key)
+    wanted = config.spec.get("trust_domain") if config is not None else None
+    if config is None or wanted is None or wanted == ca_trust_domain:
+        return
+    before = stored.get(key) if stored is not None else None
+    if before is not None and before.spec.get("trust_domain") == wanted:
+        return
+    where = f"{config.source}: {config.ref}" if config.source else config.ref
+    raise ConfigError(
+        f"{where}: spec.trust_domain: {wanted!r} is not the trust domain of the running CA, "
+        f"{ca_trust_domain!r}; changing a mesh's trust domain needs a new root, which "
+        f"`mesh apply` does not make: set spec.trust_domain to {ca_trust_domain!r} or leave "
+        "it out"
+    )
 
 
 def merged(current: ResourceSet, applied: Iterable[Resource]) -> ResourceSet:

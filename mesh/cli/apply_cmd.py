@@ -17,11 +17,25 @@ import trio
 
 from bus import subjects
 from bus.client import Bus, connect
-from bus.errors import BusTimeout, NoResponders
+from bus.errors import BusTimeout, KVError, NoResponders
+from bus.kv import open_kv
 from mesh.cli.common import add_nats_flag, run_trio
 from mesh.errors import ConfigError, MeshError
-from mesh.messages import ConfigStatus, ConfigStatusRequest
-from mesh.resources import ResourceSet, diff, load_paths, merged, validate_set
+from mesh.messages import (
+    BundleAnnounce,
+    ConfigStatus,
+    ConfigStatusRequest,
+    MessageError,
+    decode_as,
+)
+from mesh.resources import (
+    ResourceSet,
+    check_trust_domain,
+    diff,
+    load_paths,
+    merged,
+    validate_set,
+)
 from mesh.resources_store import Revision, Store
 
 Change = Callable[[Revision], tuple[ResourceSet, str]]
@@ -68,6 +82,33 @@ def add_wait_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
+async def ca_trust_domain(bus: Bus) -> str | None:
+    """The trust domain the CA leader announced (its signed bundle in KV), or None when no CA
+    has run on this NATS yet: then there is nothing to compare with, and the CA checks the
+    MeshConfig itself when it starts."""
+    try:
+        # create=False: a CLI must not create the CA's bucket with its own replica count.
+        kv = await open_kv(bus, subjects.KV_CA, create=False)
+    except KVError:
+        return None
+    entry = await kv.get("bundle")
+    if entry is None:
+        return None
+    try:
+        return decode_as(entry.value, BundleAnnounce).trust_domain
+    except MessageError as exc:
+        raise ConfigError(
+            f"the CA's stored trust bundle is unreadable ({exc}), so MeshConfig "
+            "spec.trust_domain cannot be checked; is the control plane of another version?"
+        ) from None
+
+
+async def check_against_ca(bus: Bus, new: ResourceSet, stored: ResourceSet) -> None:
+    td = await ca_trust_domain(bus)
+    if td is not None:
+        check_trust_domain(new, td, stored=stored)
+
+
 async def change_config(
     args: argparse.Namespace, change: Change, *, dry_run: bool = False, out: Any = None
 ) -> int:
@@ -78,6 +119,7 @@ async def change_config(
         current = await store.current()
         new, note = change(current)
         validate_set(new)
+        await check_against_ca(bus, new, current.resources)
         lines = diff(current.resources, new)
         if not lines:
             print(f"no changes (revision {current.revision})", file=out)
@@ -179,8 +221,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with connect(args.nats, name="mesh-cli", connect_timeout=3.0) as bus:
             current = await (await Store.open(bus)).current()
-        new = merged(current.resources, applied)
-        validate_set(new)
+            new = merged(current.resources, applied)
+            validate_set(new)
+            await check_against_ca(bus, new, current.resources)
         lines = diff(current.resources, new)
         print("\n".join(lines) if lines else "no changes")
         print(f"ok: {len(applied)} resource(s) are valid with revision {current.revision}")

@@ -10,6 +10,7 @@ from mesh.errors import ConfigError
 from mesh.resources import (
     Resource,
     ResourceSet,
+    check_trust_domain,
     decode_set,
     diff,
     encode_set,
@@ -133,6 +134,24 @@ def test_a_full_example_is_valid_and_round_trips() -> None:
         ),
         ("kind: MeshConfig\nname: mine", "f.yaml: MeshConfig/mine: name: a MeshConfig must be"),
         (
+            "kind: MeshConfig\nname: default\nspec: {trust_domain: Example.org}",
+            "f.yaml: MeshConfig/default: spec.trust_domain: trust domain 'Example.org' contains "
+            "'E': only lowercase letters",
+        ),
+        (
+            "kind: MeshConfig\nname: default\nspec: {trust_domain: 'example.org:8080'}",
+            "f.yaml: MeshConfig/default: spec.trust_domain: trust domain 'example.org:8080' "
+            "contains ':'",
+        ),
+        (
+            "kind: MeshConfig\nname: default\nspec: {cert_ttl_hours: 2h}",
+            "f.yaml: MeshConfig/default: spec.cert_ttl_hours: expected a number, got a string",
+        ),
+        (
+            "kind: MeshConfig\nname: default\nspec: {cert_ttl_hours: 0}",
+            "f.yaml: MeshConfig/default: spec.cert_ttl_hours: 0 is out of range 0.1..8784",
+        ),
+        (
             "kind: DestinationPolicy\nname: d\nspec: {service: x, lb: random}",
             "f.yaml: DestinationPolicy/d: spec.lb: 'random' is not one of round_robin",
         ),
@@ -253,3 +272,21 @@ def test_kind_aliases() -> None:
     assert kind_of("dp") == "DestinationPolicy" and kind_of("Route") == "Route"
     with pytest.raises(ConfigError, match="unknown kind 'pods'"):
         kind_of("pods")
+
+
+def test_a_meshconfig_trust_domain_must_be_the_cas() -> None:
+    applied = as_set("kind: MeshConfig\nname: default\nspec: {trust_domain: example.org}", "m.yaml")
+    check_trust_domain(applied, "example.org")
+    check_trust_domain({}, "mesh.local")
+    with pytest.raises(ConfigError) as err:
+        check_trust_domain(applied, "mesh.local")
+    assert str(err.value).startswith(
+        "m.yaml: MeshConfig/default: spec.trust_domain: 'example.org' is not the trust domain "
+        "of the running CA, 'mesh.local'"
+    )
+    # Already stored (before any CA ran): unrelated changes are not blocked by it; a new
+    # value is checked.
+    check_trust_domain(applied, "mesh.local", stored=applied)
+    other = as_set("kind: MeshConfig\nname: default\nspec: {trust_domain: other.org}")
+    with pytest.raises(ConfigError, match=r"'other\.org' is not the trust domain"):
+        check_trust_domain(other, "mesh.local", stored=applied)

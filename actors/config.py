@@ -37,6 +37,7 @@ from bus.kv import INITIAL_DONE, KV, KVEntry, open_kv
 from bus.subscription import Delivery, Overflow
 from mesh.compile import compile_service
 from mesh.errors import ConfigError, MeshError
+from mesh.logthrottle import LogThrottle, held_note
 from mesh.messages import (
     ConfigAck,
     ConfigHeartbeat,
@@ -51,6 +52,8 @@ from mesh.resources import ResourceSet, decode_set
 from mesh.sync import ServerSync
 
 log = logging.getLogger("mesh.actors.config")
+# A misbehaving sidecar can send thousands of forged messages a second: a few lines per 10 s.
+_log_throttle = LogThrottle()
 
 KV_HISTORY = 64
 LEASE_NAME = "config"  # JetStream's maximum: revisions kept for rollback
@@ -108,6 +111,7 @@ class _ConfigState:
             "nacks": 0,
             "heartbeats": 0,
             "last_change_bytes": 0,
+            "impersonations": 0,
         }
 
     def now(self) -> float:
@@ -135,13 +139,13 @@ class _ConfigState:
         bus = self.bus
         async with (
             bus.subscribe(
-                subjects.CONFIG_FULL, queue=subjects.CONFIG_QUEUE, capacity=65536
+                subjects.CONFIG_FULL_ALL, queue=subjects.CONFIG_QUEUE, capacity=65536
             ) as full,
             bus.subscribe(
-                subjects.CONFIG_HEARTBEAT, capacity=65536, overflow=Overflow.DROP_OLDEST
+                subjects.CONFIG_HEARTBEAT_ALL, capacity=65536, overflow=Overflow.DROP_OLDEST
             ) as heartbeats,
             bus.subscribe(
-                subjects.CONFIG_ACK, capacity=65536, overflow=Overflow.DROP_OLDEST
+                subjects.CONFIG_ACK_ALL, capacity=65536, overflow=Overflow.DROP_OLDEST
             ) as acks,
             bus.subscribe(subjects.CONFIG_STATUS, queue=subjects.CONFIG_QUEUE) as status,
             kv.watch(subjects.CONFIG_KEY) as watch,
@@ -288,10 +292,31 @@ class _ConfigState:
 
     # -- mailboxes ------------------------------------------------------
 
+    def _from_sender(self, d: Delivery[Any], body: Any) -> bool:
+        """True if `body` (service and instance) is what its subject names. The subject is
+        what the sender's NATS user may publish on (bus/auth.py binds a sidecar's user to its
+        service and instance), the body is what the sender says: a sidecar of one service
+        could otherwise register, or unregister with a `leaving` heartbeat, another
+        service's endpoints by naming them in the body of a message on its own subject."""
+        if subjects.config_sender(d.subject) == (body.service, body.instance):
+            return True
+        self.stats["impersonations"] += 1
+        logged, held = _log_throttle.allow("impersonation")
+        if logged:
+            log.warning(
+                "dropped a %s on %s naming service %r instance %r: not the subject's%s",
+                type(body).__name__,
+                d.subject,
+                str(body.service)[:64],
+                str(body.instance)[:64],
+                held_note(held),
+            )
+        return False
+
     async def _serve_full(self, mailbox: Any) -> None:
         async for d in mailbox:
             req = d.body
-            if not isinstance(req, SnapshotRequest):
+            if not isinstance(req, SnapshotRequest) or not self._from_sender(d, req):
                 continue
             if not self.sync.acceptable(req):
                 log.warning("snapshot request with unusable names dropped (service %r, "
@@ -310,7 +335,7 @@ class _ConfigState:
     async def _serve_heartbeats(self, mailbox: Any) -> None:
         async for d in mailbox:
             hb = d.body
-            if not isinstance(hb, ConfigHeartbeat):
+            if not isinstance(hb, ConfigHeartbeat) or not self._from_sender(d, hb):
                 continue
             self.stats["heartbeats"] += 1
             changed, push = self.sync.on_heartbeat(hb, self.now())
@@ -324,7 +349,7 @@ class _ConfigState:
     async def _serve_acks(self, mailbox: Any) -> None:
         async for d in mailbox:
             ack = d.body
-            if isinstance(ack, ConfigAck):
+            if isinstance(ack, ConfigAck) and self._from_sender(d, ack):
                 self.stats["acks" if ack.ok else "nacks"] += 1
                 if not ack.ok:
                     log.warning(

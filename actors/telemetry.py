@@ -33,7 +33,7 @@ from actors.runtime import ActorContext
 from bus import subjects
 from bus.client import Bus
 from bus.subscription import Overflow
-from mesh.errors import BusError, MeshError
+from mesh.errors import BusError, ConfigError, MeshError
 from mesh.messages import (
     GoldenSummary,
     GraphQuery,
@@ -66,6 +66,28 @@ def span_dict(s: SpanRecord) -> dict[str, Any]:
         "attrs": s.attrs,
         "error": s.error,
     }
+
+
+def from_sender(subject: str, batch: ParsedBatch) -> bool:
+    """A batch counts only if it is what its subject says and reports only its own edges.
+
+    NATS lets a sidecar's user publish on mesh.telemetry.<ns>.<its service>.<instance>
+    only (bus/auth.py), so the subject is vouched for; the body is what the sender claims.
+    A batch whose body names another sidecar, or a row where the sender's service is
+    neither the source nor the destination (a sidecar counts its outbound requests as
+    source and, for callers outside the mesh or refused connections, its inbound ones as
+    destination), would let one service falsify another's golden signals."""
+    # Token by token: a dot inside a body field must not line up with the subject's tokens.
+    if subject.split(".") != [subjects.PREFIX, "telemetry", batch.ns, batch.svc, batch.inst]:
+        return False
+    return all(batch.svc in (row.key[0], row.key[1]) for row in batch.rows)
+
+
+def _span_subject(span: SpanRecord) -> str | None:
+    try:
+        return subjects.spans(span.service)
+    except ConfigError:
+        return None
 
 
 class SpanStore:
@@ -230,13 +252,17 @@ class TelemetryActor:
         ) as sub:
             task_status.started()
             async for d in sub:
+                if not from_sender(d.subject, d.body):
+                    state.stats.bad += 1
+                    continue
                 state.ingest(d.body, trio.current_time())
 
     async def _spans(self, ctx: ActorContext, *, task_status: trio.TaskStatus[None]) -> None:
         async with ctx.bus.subscribe(subjects.SPANS_ALL, capacity=16384) as sub:
             task_status.started()
             async for d in sub:
-                if isinstance(d.body, SpanRecord):
+                # mesh.spans.<service>: only that service's sidecars may publish there.
+                if isinstance(d.body, SpanRecord) and d.subject == _span_subject(d.body):
                     self.spans.add(d.body)
 
     async def _queries(self, ctx: ActorContext, *, task_status: trio.TaskStatus[None]) -> None:

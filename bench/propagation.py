@@ -114,7 +114,7 @@ class Observer:
 
     async def run(self, bus: Bus, *, task_status: trio.TaskStatus[None]) -> None:
         async with bus.subscribe(
-            subjects.CONFIG_ACK, capacity=1 << 17, overflow=Overflow.DROP_NEWEST
+            subjects.CONFIG_ACK_ALL, capacity=1 << 17, overflow=Overflow.DROP_NEWEST
         ) as acks:
             task_status.started()
             async for d in acks:
@@ -367,7 +367,7 @@ async def worker(args: argparse.Namespace) -> None:
             for _ in range(20):
                 try:
                     push = await bus.request(
-                        subjects.CONFIG_FULL, c.hello(reason), SnapshotPush, timeout=10
+                        subjects.config_full(c.service, c.instance), c.hello(reason), SnapshotPush, timeout=10
                     )
                 except Exception:  # retried
                     await trio.sleep(0.5)
@@ -378,7 +378,7 @@ async def worker(args: argparse.Namespace) -> None:
         def handle(c: ClientSync, push: SnapshotPush) -> Any:
             action = c.on_push(push)
             if isinstance(action, Apply):
-                bus.publish_nowait(subjects.CONFIG_ACK, c.applied(check(action)))
+                bus.publish_nowait(subjects.config_ack(c.service, c.instance), c.applied(check(action)))
             return action
 
         async def listen(service: str, *, task_status: trio.TaskStatus[None]) -> None:
@@ -395,7 +395,7 @@ async def worker(args: argparse.Namespace) -> None:
             while True:
                 step = interval / max(1, len(clients))
                 for i, c in enumerate(clients):
-                    bus.publish_nowait(subjects.CONFIG_HEARTBEAT, c.heartbeat(interval))
+                    bus.publish_nowait(subjects.config_heartbeat(c.service, c.instance), c.heartbeat(interval))
                     if i % 100 == 99:
                         await trio.sleep(step * 100)
 

@@ -6,8 +6,13 @@ JWTs to operate, and nats-py needs no extra package. Each user has one *role*:
 
 * ``controlplane``: the replicas. Everything they need: the ``mesh.>`` subjects, JetStream
   (KV buckets), and replies to requests they receive (``allow_responses``).
-* ``sidecar``: publishes its telemetry, spans, access logs, config ACKs and heartbeats and its
-  CSR requests; receives config pushes, bundle announcements and ``mesh certs`` queries.
+* ``sidecar``: publishes its telemetry, spans, access logs, config requests, ACKs and
+  heartbeats and its CSR requests; receives config pushes, bundle announcements and ``mesh
+  certs`` queries. A *scoped* sidecar user (``SidecarScope``; every sidecar ``mesh up``
+  starts, ``mesh nats --write-auth --sidecar SERVICE[/INSTANCE]``) may do so only on the
+  subjects that name its own service (and instance): it cannot report telemetry, register or
+  unregister endpoints, or read config pushes, for another service. The broad ``sidecar``
+  user, the same for every service, is for sidecars started by hand with no user of their own.
   Of JetStream only a read of the one key ``mesh_ca/bundle`` (no KV writes, no other reads); no CA commands; cannot
   subscribe to ``mesh.ca.sign`` (join tokens in flight) nor to any inbox but its own.
 * ``admin``: the CLI (apply, rollback, token, ca rotate, certs, top...). JetStream and
@@ -27,6 +32,7 @@ running in operator mode. Secrets never go on a command line or into a log: chil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -44,10 +50,12 @@ __all__ = [
     "Credentials",
     "CredentialsError",
     "Permissions",
+    "SidecarScope",
     "authorization_config",
     "ensure_credentials",
     "load_credentials",
     "permissions_for",
+    "sidecar_user",
 ]
 
 CREDS_ENV = "MESH_NATS_CREDS"
@@ -80,10 +88,50 @@ def inbox_prefix(user: str) -> str:
 _JETSTREAM = ("$JS.API.>", "$KV.>", "$JS.FC.>", "$JS.ACK.>")
 
 
-def permissions_for(role: str, user: str) -> Permissions:
-    """The exact permissions of one user of ``role``; subjects come from bus/subjects.py."""
+@dataclass(frozen=True, slots=True)
+class SidecarScope:
+    """What one sidecar user may speak for: a service, and optionally one instance and one
+    telemetry namespace (``ANY``: not pinned). Not a secret and not stored in the credential
+    file: whoever writes the nats-server config (``mesh up``, ``mesh nats --write-auth``)
+    states it for each user each time."""
+
+    service: str
+    instance: str = subjects.ANY
+    namespace: str = subjects.ANY
+
+    def __post_init__(self) -> None:
+        subjects.sidecar_publish(self.namespace, self.service, self.instance)  # checks names
+
+    def describe(self) -> str:
+        inst = "" if self.instance == subjects.ANY else f" instance {self.instance}"
+        ns = "" if self.namespace == subjects.ANY else f" namespace {self.namespace}"
+        return f"service {self.service}{inst}{ns}"
+
+
+def _sidecar_common(inbox: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What every sidecar user has, scoped or not: (publish, subscribe)."""
+    publish = (
+        subjects.CA_SIGN,  # a CSR names its identity; the CA checks it against a join token
+        subjects.CERTS_STATUS_ALL,
+        # Read-only, one key: the trust domain of `mesh sidecar --namespace` comes
+        # from the stored bundle (a direct get names the key in its subject).
+        f"$JS.API.STREAM.INFO.KV_{subjects.KV_CA}",
+        f"$JS.API.DIRECT.GET.KV_{subjects.KV_CA}.$KV.{subjects.KV_CA}.bundle",
+    )
+    subscribe = (subjects.CA_BUNDLE, subjects.CERTS_QUERY, inbox)
+    return publish, subscribe
+
+
+def permissions_for(role: str, user: str, scope: SidecarScope | None = None) -> Permissions:
+    """The exact permissions of one user of ``role``; subjects come from bus/subjects.py.
+
+    A ``sidecar`` user with a ``scope`` publishes and receives only what names its own
+    service (and instance and namespace, when pinned); without one it is the broad sidecar
+    role, for sidecars started by hand with no user of their own."""
     inbox = inbox_prefix(user) + ".>"
     mesh_all = f"{subjects.PREFIX}.>"
+    if scope is not None and role != "sidecar":
+        raise CredentialsError(f"user {user!r}: only sidecar users have a service scope")
     if role == "controlplane":
         return Permissions(
             publish=(mesh_all, *_JETSTREAM),
@@ -91,27 +139,26 @@ def permissions_for(role: str, user: str) -> Permissions:
             allow_responses=True,
         )
     if role == "sidecar":
+        publish, subscribe = _sidecar_common(inbox)
+        if scope is not None:
+            return Permissions(
+                publish=(
+                    *subjects.sidecar_publish(scope.namespace, scope.service, scope.instance),
+                    *publish,
+                ),
+                subscribe=(subjects.config_push(scope.service), *subscribe),
+            )
         return Permissions(
             publish=(
-                subjects.CA_SIGN,
-                subjects.CERTS_STATUS_ALL,
-                subjects.CONFIG_FULL,
-                subjects.CONFIG_ACK,
-                subjects.CONFIG_HEARTBEAT,
+                subjects.CONFIG_FULL_ALL,
+                subjects.CONFIG_ACK_ALL,
+                subjects.CONFIG_HEARTBEAT_ALL,
                 subjects.TELEMETRY_ALL,
                 subjects.SPANS_ALL,
                 subjects.ACCESSLOG_ALL,
-                # Read-only, one key: the trust domain of `mesh sidecar --namespace` comes
-                # from the stored bundle (a direct get names the key in its subject).
-                f"$JS.API.STREAM.INFO.KV_{subjects.KV_CA}",
-                f"$JS.API.DIRECT.GET.KV_{subjects.KV_CA}.$KV.{subjects.KV_CA}.bundle",
+                *publish,
             ),
-            subscribe=(
-                subjects.CA_BUNDLE,
-                subjects.CERTS_QUERY,
-                subjects.CONFIG_PUSH_ALL,
-                inbox,
-            ),
+            subscribe=(subjects.CONFIG_PUSH_ALL, *subscribe),
         )
     if role == "admin":
         return Permissions(
@@ -132,6 +179,9 @@ class Credentials:
     role: str
     inbox_prefix: str
     path: Path | None = None
+    # Set by ensure_credentials from what was asked for, never read from the file: the
+    # permissions are the config writer's decision, not the credential holder's.
+    scope: SidecarScope | None = None
 
     def __repr__(self) -> str:
         return f"Credentials(user={self.user!r}, role={self.role!r}, path={self.path})"
@@ -204,17 +254,23 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def ensure_credentials(state_dir: Path, users: Iterable[tuple[str, str]]) -> dict[str, Credentials]:
-    """Credentials of ``(user, role)`` pairs under ``<state_dir>/nats-creds/<user>.json``:
+# (user, role) or (user, role, scope): one NATS user to have credentials for.
+UserSpec = tuple[str, str] | tuple[str, str, "SidecarScope | None"]
+
+
+def ensure_credentials(state_dir: Path, users: Iterable[UserSpec]) -> dict[str, Credentials]:
+    """Credentials of ``(user, role[, scope])`` under ``<state_dir>/nats-creds/<user>.json``:
     read if present, else generated (32 random bytes) and written mode 0600. Returns them by
-    user name. The directory is 0700."""
+    user name, carrying the scope asked for. The directory is 0700."""
     folder = state_dir / CREDS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
     out: dict[str, Credentials] = {}
-    for user, role in users:
+    for spec in users:
+        user, role = spec[0], spec[1]
+        scope = spec[2] if len(spec) > 2 else None
         subjects.token(user)
-        permissions_for(role, user)  # unknown role: fail here, not in nats-server
+        permissions_for(role, user, scope)  # unknown role: fail here, not in nats-server
         path = folder / f"{user}.json"
         if not path.exists():
             creds = Credentials(user, secrets.token_urlsafe(32), role, inbox_prefix(user), path)
@@ -225,7 +281,7 @@ def ensure_credentials(state_dir: Path, users: Iterable[tuple[str, str]]) -> dic
         creds = load_credentials(path)
         if creds.role != role:
             raise CredentialsError(f"{path} is for role {creds.role!r}, expected {role!r}")
-        out[user] = creds
+        out[user] = dataclasses.replace(creds, scope=scope)
     return out
 
 
@@ -247,7 +303,7 @@ def authorization_config(users: Iterable[Credentials]) -> str:
     config file must be mode 0600)."""
     lines = ["authorization {", "  users = ["]
     for c in users:
-        perms = _permissions_block(permissions_for(c.role, c.user))
+        perms = _permissions_block(permissions_for(c.role, c.user, c.scope))
         lines.append(
             f"    {{ user: {json.dumps(c.user)}, password: {json.dumps(c.password)}, "
             f"permissions: {perms} }}"
@@ -256,11 +312,35 @@ def authorization_config(users: Iterable[Credentials]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mesh_users(sidecars: Iterable[str] = ()) -> list[tuple[str, str]]:
-    """The users a mesh-managed NATS gets: one per role, plus one sidecar user per named
-    sidecar (its own inbox subtree, so sidecars cannot read each other's replies)."""
-    users = [("controlplane", "controlplane"), ("admin", "admin"), ("sidecar", "sidecar")]
-    return users + [(f"sidecar-{subjects.token(name)}", "sidecar") for name in sidecars]
+def sidecar_user(scope: SidecarScope) -> str:
+    """The user name of a scoped sidecar: per instance when it is pinned, else per service."""
+    name = scope.service if scope.instance == subjects.ANY else scope.instance
+    return f"sidecar-{subjects.token(name)}"
+
+
+def mesh_users(sidecars: Iterable[SidecarScope] = ()) -> list[UserSpec]:
+    """The users a mesh-managed NATS gets: one per role, plus one user per named sidecar
+    (``sidecar_user``) that may speak only for its own service (and instance), with its own
+    inbox subtree, so sidecars can neither read each other's replies nor pose as each other.
+    The broad ``sidecar`` user stays for sidecars started by hand next to a local mesh."""
+    users: list[UserSpec] = [
+        ("controlplane", "controlplane"),
+        ("admin", "admin"),
+        ("sidecar", "sidecar"),
+    ]
+    seen: dict[str, SidecarScope] = {}
+    for scope in sidecars:
+        user = sidecar_user(scope)
+        if user in seen:
+            if seen[user] != scope:
+                raise CredentialsError(
+                    f"two sidecars would share NATS user {user!r} with different rights "
+                    f"({seen[user].describe()}; {scope.describe()}): give each an instance name"
+                )
+            continue
+        seen[user] = scope
+        users.append((user, "sidecar", scope))
+    return users
 
 
 def child_env(creds: Credentials) -> dict[str, str]:

@@ -97,9 +97,13 @@ def accesslog(service: str) -> str:
 
 
 # Config sync (docs/sync.md). Requests go to whichever replica leads the config actor.
-CONFIG_FULL = f"{PREFIX}.config.full"  # request/reply: SnapshotRequest -> SnapshotPush
-CONFIG_HEARTBEAT = f"{PREFIX}.config.heartbeat"  # publish: ConfigHeartbeat
-CONFIG_ACK = f"{PREFIX}.config.ack"  # publish: ConfigAck
+# What a sidecar sends carries its service and instance in the subject, not only in the body:
+# NATS permissions can then bind a sidecar's user to its own service (bus/auth.py), and the
+# config actor drops a message whose body names another service or instance than its subject
+# (`config_sender`). The *_ALL patterns are what the control plane subscribes to.
+CONFIG_FULL_ALL = f"{PREFIX}.config.full.*.*"  # request/reply: SnapshotRequest -> SnapshotPush
+CONFIG_HEARTBEAT_ALL = f"{PREFIX}.config.heartbeat.*.*"  # publish: ConfigHeartbeat
+CONFIG_ACK_ALL = f"{PREFIX}.config.ack.*.*"  # publish: ConfigAck
 CONFIG_STATUS = f"{PREFIX}.config.status"  # request/reply: ConfigStatusRequest -> ConfigStatus
 CONFIG_QUEUE = "config"
 CONFIG_KEY = "resources"  # the one key in KV_CONFIG: the whole resource set per revision
@@ -111,3 +115,52 @@ CONFIG_PUSH_ALL = f"{PREFIX}.config.push.*"  # every config_push(service), for p
 def config_push(service: str) -> str:
     """SnapshotPush for every sidecar of one service."""
     return f"{PREFIX}.config.push.{token(service)}"
+
+
+def config_full(service: str, instance: str) -> str:
+    """Where one sidecar asks for a full snapshot (and registers)."""
+    return f"{PREFIX}.config.full.{token(service)}.{token(instance)}"
+
+
+def config_heartbeat(service: str, instance: str) -> str:
+    return f"{PREFIX}.config.heartbeat.{token(service)}.{token(instance)}"
+
+
+def config_ack(service: str, instance: str) -> str:
+    return f"{PREFIX}.config.ack.{token(service)}.{token(instance)}"
+
+
+def config_sender(subject: str) -> tuple[str, str] | None:
+    """(service, instance) named by a config_full/heartbeat/ack subject, None if it is not
+    one: what the sender's NATS permissions vouch for."""
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[0] != PREFIX or parts[1] != "config":
+        return None
+    if parts[2] not in ("full", "heartbeat", "ack"):
+        return None
+    return parts[3], parts[4]
+
+
+# --- permission patterns (bus/auth.py) ------------------------------------------------------
+# The same subjects with a name left open: ANY is one NATS wildcard token. Only permissions
+# use these; the builders above never accept a wildcard, so no caller can widen a subscription.
+ANY = "*"
+
+
+def _scope(name: str) -> str:
+    return ANY if name == ANY else token(name)
+
+
+def sidecar_publish(namespace: str, service: str, instance: str) -> tuple[str, ...]:
+    """What one sidecar of `service` publishes that names it: its config requests, heartbeats
+    and ACKs, its telemetry batches, spans and access-log lines. `namespace` and `instance`
+    may be ANY; `service` may not (that is the broad role's business)."""
+    ns, svc, inst = _scope(namespace), token(service), _scope(instance)
+    return (
+        f"{PREFIX}.config.full.{svc}.{inst}",
+        f"{PREFIX}.config.heartbeat.{svc}.{inst}",
+        f"{PREFIX}.config.ack.{svc}.{inst}",
+        f"{PREFIX}.telemetry.{ns}.{svc}.{inst}",
+        f"{PREFIX}.spans.{svc}",
+        f"{PREFIX}.accesslog.{svc}",
+    )

@@ -22,7 +22,14 @@ import trio
 from actors.ca_config import secret_env_for_children
 from actors.dashboard import DEFAULT_DASHBOARD_PORT
 from actors.telemetry import DEFAULT_METRICS_PORT
-from bus.auth import CREDS_ENV, authorization_config, child_env, ensure_credentials, mesh_users
+from bus.auth import (
+    CREDS_ENV,
+    SidecarScope,
+    authorization_config,
+    child_env,
+    ensure_credentials,
+    mesh_users,
+)
 from bus.server import NatsServer, NodeSpec
 from deploy.load import DEFAULT_BACKGROUND_DURATION, background_load
 from deploy.supervisor import ChildProcess
@@ -212,10 +219,19 @@ async def run_up(
                         _check_port_free(config.nats_port)
                     # Security by default: every client of our NATS needs a user; the
                     # passwords stay in 0600 files and reach children as paths.
-                    names = (
-                        [i.name for i in plan.instances if i.snapshot is not None] if plan else []
+                    # Each sidecar's user may speak only for its service and instance
+                    # (bus/auth.py): a compromised sidecar cannot pose as another service.
+                    # Its telemetry namespace is not pinned: the sidecar picks that label.
+                    scopes = (
+                        [
+                            SidecarScope(i.service, i.name)
+                            for i in plan.instances
+                            if i.snapshot is not None
+                        ]
+                        if plan
+                        else []
                     )
-                    creds = ensure_credentials(config.state_dir, mesh_users(names))
+                    creds = ensure_credentials(config.state_dir, mesh_users(scopes))
                     spec = NodeSpec(
                         "mesh-embedded",
                         config.state_dir / "nats",

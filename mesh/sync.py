@@ -253,6 +253,11 @@ class ServerSync:
                 m.instance, m.service, m.label, m.address, m.admin, interval, now
             )
             return bool(m.address)  # a pure client adds no endpoint
+        if p.service != m.service:
+            # The instance name is taken by a live sidecar of another service. A sidecar's NATS
+            # user may be bound to its service but not to one instance name (bus/auth.py): it
+            # must not take over another service's registration. The name frees on expiry.
+            return False
         changed = (p.service, p.label, p.address) != key
         p.service, p.label, p.address, p.admin = m.service, m.label, m.address, m.admin
         p.last_seen, p.interval = now, interval
@@ -271,8 +276,14 @@ class ServerSync:
         changed = self._touch(
             req, now, self.peers[req.instance].interval if req.instance in self.peers else 1.0
         )
-        self.peers[req.instance].sent_at = now
+        if self.owns(req):
+            self.peers[req.instance].sent_at = now
         return changed
+
+    def owns(self, m: SnapshotRequest | ConfigHeartbeat | ConfigAck) -> bool:
+        """`m`'s service is the one its instance is registered under (see `_touch`)."""
+        p = self.peers.get(m.instance)
+        return p is not None and p.service == m.service
 
     def full_for(self, service: str, instance: str = "") -> SnapshotPush | None:
         state = self.services.get(service)
@@ -298,8 +309,11 @@ class ServerSync:
         if not self.acceptable(hb):
             return False, None
         if hb.leaving:
-            return self.peers.pop(hb.instance, None) is not None, None
+            # Only the instance's own service may unregister it.
+            return self.owns(hb) and self.peers.pop(hb.instance, None) is not None, None
         changed = self._touch(hb, now, hb.interval)
+        if not self.owns(hb):
+            return False, None
         p = self.peers[hb.instance]
         p.acked, p.nacked, p.reason, p.resyncs = hb.acked, hb.nacked, hb.reason, hb.resyncs
         state = self.services.get(hb.service)
@@ -317,7 +331,7 @@ class ServerSync:
 
     def on_ack(self, ack: ConfigAck, now: float) -> None:
         p = self.peers.get(ack.instance)
-        if p is None:
+        if p is None or p.service != ack.service:
             return
         p.last_seen = now
         if ack.ok:

@@ -159,7 +159,7 @@ class SyncClient:
             )
         self.first.set()
         try:
-            bus.publish_nowait(subjects.CONFIG_ACK, ack)
+            bus.publish_nowait(subjects.config_ack(self.state.service, self.state.instance), ack)
         except MeshError as exc:
             log.warning("ack not sent: %s", exc)
 
@@ -169,7 +169,7 @@ class SyncClient:
         while True:
             try:
                 push = await bus.request(
-                    subjects.CONFIG_FULL,
+                    subjects.config_full(self.state.service, self.state.instance),
                     self.state.hello(reason),
                     SnapshotPush,
                     timeout=self.request_timeout,
@@ -186,11 +186,16 @@ class SyncClient:
                 self.first.set()
             return
 
+    @property
+    def _heartbeat_subject(self) -> str:
+        # Service and instance in the subject: what this sidecar's NATS user may speak for.
+        return subjects.config_heartbeat(self.state.service, self.state.instance)
+
     async def _heartbeats(self, bus: Bus) -> None:
         # A heartbeat queued after the leaving one would register this instance again.
         while not self._leaving.is_set():
             try:
-                bus.publish_nowait(subjects.CONFIG_HEARTBEAT, self.state.heartbeat(self.heartbeat))
+                bus.publish_nowait(self._heartbeat_subject, self.state.heartbeat(self.heartbeat))
             except MeshError as exc:
                 log.debug("heartbeat not sent: %s", exc)
             await trio.sleep(self.heartbeat)
@@ -201,7 +206,7 @@ class SyncClient:
         await self._leaving.wait()
         try:
             bus.publish_nowait(
-                subjects.CONFIG_HEARTBEAT, self.state.heartbeat(self.heartbeat, leaving=True)
+                self._heartbeat_subject, self.state.heartbeat(self.heartbeat, leaving=True)
             )
             await bus.flush(timeout=0.5)
         except MeshError as exc:  # NATS away: the control plane expires us instead

@@ -16,7 +16,13 @@ import trio
 from actors.ca import CaActor
 from actors.ca_config import CaConfig
 from actors.runtime import ActorContext
-from bus.auth import authorization_config, ensure_credentials, load_credentials, mesh_users
+from bus.auth import (
+    SidecarScope,
+    authorization_config,
+    ensure_credentials,
+    load_credentials,
+    mesh_users,
+)
 from bus.client import Bus, connect
 from bus.errors import BusConnectError
 from bus.server import NatsCluster
@@ -80,8 +86,11 @@ def three_hosts() -> Iterator[list[netns.Host]]:
 @pytest.fixture
 def creds(three_hosts: list[netns.Host], tmp_path: Path) -> dict[str, str]:
     """The mesh's NATS users, as an operator makes them for real hosts (`mesh nats
-    --write-auth ... --sidecar NAME`): one sidecar user per host. File paths by user."""
-    made = ensure_credentials(tmp_path / "etc", mesh_users(h.name for h in three_hosts))
+    --write-auth ... --sidecar SERVICE/NAME`): one sidecar user per host. File paths by user."""
+    # h1 runs frontend's sidecar, h2 and h3 catalog's: each user speaks for its service only.
+    scopes = [SidecarScope("frontend" if i == 0 else "catalog", h.name)
+              for i, h in enumerate(three_hosts)]  # fmt: skip
+    made = ensure_credentials(tmp_path / "etc", mesh_users(scopes))
     return {user: str(c.path) for user, c in made.items()}
 
 

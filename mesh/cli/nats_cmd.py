@@ -10,9 +10,17 @@ from typing import Any
 
 import trio
 
-from bus.auth import authorization_config, ensure_credentials, mesh_users
+from bus import subjects
+from bus.auth import (
+    Credentials,
+    SidecarScope,
+    authorization_config,
+    ensure_credentials,
+    mesh_users,
+)
 from bus.server import NatsCluster, NatsServer, NodeSpec
 from mesh.cli.common import print_ready, run_trio
+from mesh.errors import ConfigError
 from mesh.signals import cancel_on_signals
 
 
@@ -47,14 +55,29 @@ def register(sub: Any) -> None:
         "--sidecar",
         action="append",
         default=[],
-        metavar="NAME",
-        help="with --write-auth: also a user sidecar-NAME for one sidecar (repeatable)",
+        metavar="SERVICE[/INSTANCE]",
+        help="with --write-auth: also a user for the sidecar(s) of SERVICE, allowed to speak "
+        "for that service only: sidecar-INSTANCE, bound to that instance name too (give the "
+        "sidecar --instance INSTANCE), or without /INSTANCE sidecar-SERVICE, any instance "
+        "of SERVICE (repeatable)",
     )
     p.set_defaults(func=cmd_nats)
 
 
-def write_auth(folder: Path, sidecars: list[str]) -> Path:
-    """Credentials + the `authorization` block for an operator's own nats.conf."""
+def parse_sidecar(item: str) -> SidecarScope:
+    """`--sidecar SERVICE[/INSTANCE]` as a scope; a ConfigError names the flag."""
+    service, _, instance = item.partition("/")
+    try:
+        return SidecarScope(service, instance or subjects.ANY)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"--sidecar {item!r}: expected SERVICE or SERVICE/INSTANCE: {exc}"
+        ) from None
+
+
+def write_auth(folder: Path, sidecars: list[SidecarScope]) -> tuple[Path, list[Credentials]]:
+    """Credentials + the `authorization` block for an operator's own nats.conf; returns the
+    config file and the scoped sidecar users."""
     creds = ensure_credentials(folder, mesh_users(sidecars))
     conf = folder / "nats-auth.conf"
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -62,15 +85,27 @@ def write_auth(folder: Path, sidecars: list[str]) -> Path:
     with os.fdopen(fd, "w") as f:
         f.write("# trio-mesh NATS users (bus/auth.py); secret: keep mode 0600\n")
         f.write(authorization_config(creds.values()))
-    return conf
+    return conf, [c for c in creds.values() if c.scope is not None]
 
 
 def cmd_nats(args: argparse.Namespace) -> int:
     if args.write_auth:
-        conf = write_auth(args.write_auth, args.sidecar)
+        conf, scoped = write_auth(args.write_auth, [parse_sidecar(s) for s in args.sidecar])
+        folder = conf.parent / "nats-creds"
         print(
-            f"wrote {conf} (include it in nats.conf) and {conf.parent / 'nats-creds'}/ "
-            "(give each host only its role's file)"
+            f"wrote {conf} (include it in nats.conf) and {folder}/ (give each host only its "
+            "role's file: controlplane.json to replicas, admin.json to operators)"
+        )
+        for c in scoped:
+            assert c.scope is not None
+            inst = "" if c.scope.instance == subjects.ANY else f" --instance {c.scope.instance}"
+            print(
+                f"  {c.user}.json: may speak for {c.scope.describe()} only "
+                f"(mesh sidecar --service {c.scope.service}{inst} --creds .../{c.user}.json)"
+            )
+        print(
+            "  sidecar.json: any service (sidecars without a user of their own; "
+            "prefer --sidecar SERVICE/INSTANCE)"
         )
         return 0
     # Security by default, as `mesh up`: users per role, their files next to the data

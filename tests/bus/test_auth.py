@@ -128,7 +128,7 @@ async def test_sidecar_does_its_job_and_gets_only_its_own_replies(
         connect(server.url, creds_file=path(creds, "controlplane")) as cp,
         connect(server.url, creds_file=path(creds, "sidecar")) as sc,
         connect(server.url, creds_file=path(creds, "sidecar-b")) as other,
-        cp.subscribe(subjects.CONFIG_FULL) as full,
+        cp.subscribe(subjects.CONFIG_FULL_ALL) as full,
         cp.subscribe_raw(subjects.TELEMETRY_ALL) as telemetry,
         sc.subscribe_raw(subjects.config_push("checkout")) as push,
         sc.subscribe_raw(subjects.CA_BUNDLE) as bundle,
@@ -147,7 +147,7 @@ async def test_sidecar_does_its_job_and_gets_only_its_own_replies(
                 )  # allowed through allow_responses only
 
         nursery.start_soon(respond)
-        reply = await sc.request(subjects.CONFIG_FULL, Ping(), Pong)
+        reply = await sc.request(subjects.config_full("checkout", "c-1"), Ping(), Pong)
         assert reply.replica == "cp"
         sc.publish_nowait(subjects.telemetry("shop", "checkout", "c-1"), b"batch")
         await cp.publish(subjects.config_push("checkout"), b"delta")
@@ -205,10 +205,13 @@ async def test_write_auth_for_real_hosts_is_included_by_nats_conf(tmp_path: Path
     with trio.fail_after(30):
         done = await trio.run_process(
             [sys.executable, "-m", "mesh", "nats", "--write-auth", str(folder),
-             "--sidecar", "reviews-v2"],
+             "--sidecar", "reviews/reviews-v2"],
             capture_stdout=True, capture_stderr=True,
         )  # fmt: skip
     assert b"nats-auth.conf" in done.stdout
+    assert b"sidecar-reviews-v2.json: may speak for service reviews instance reviews-v2" in (
+        done.stdout
+    )
     for p in (folder / "nats-auth.conf", *(folder / "nats-creds").iterdir()):
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
         secret = load_credentials(p).password if p.suffix == ".json" else ""

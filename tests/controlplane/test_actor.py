@@ -36,12 +36,11 @@ async def test_a_burst_is_debounced_into_few_deltas(nats_server: NatsServer) -> 
             client = ClientSync(instance="pp-1", service="productpage", label="v1")
             pushes: list[SnapshotPush] = []
             async with bus.subscribe(subjects.config_push("productpage")) as sub:
-                first = await bus.request(
-                    subjects.CONFIG_FULL, client.hello(), SnapshotPush, timeout=5
-                )
+                full, ack = (f("productpage", "pp-1") for f in (subjects.config_full, subjects.config_ack))
+                first = await bus.request(full, client.hello(), SnapshotPush, timeout=5)
                 action = client.on_push(first)
                 assert isinstance(action, Apply)
-                await bus.publish(subjects.CONFIG_ACK, client.applied(None))
+                await bus.publish(ack, client.applied(None))
                 # ten revisions in a burst, well inside one debounce window each
                 for w in range(10, 100, 10):
                     rev = await store.write(base_with(w), rev, f"w={w}")
@@ -51,7 +50,7 @@ async def test_a_burst_is_debounced_into_few_deltas(nats_server: NatsServer) -> 
                         pushes.append(d.body)
                         action = client.on_push(d.body)
                         assert isinstance(action, Apply), action  # every delta is on its base
-                        await bus.publish(subjects.CONFIG_ACK, client.applied(None))
+                        await bus.publish(ack, client.applied(None))
             assert 1 <= len(pushes) <= 3, [p.version for p in pushes]
             expected = compile_service(base_with(90), [], "productpage")
             assert client.version == expected.version

@@ -15,7 +15,13 @@ from actors.ca import CaActor
 from actors.ca_config import CaConfig
 from actors.runtime import ActorContext
 from bus import subjects
-from bus.auth import Credentials, authorization_config, ensure_credentials, mesh_users
+from bus.auth import (
+    Credentials,
+    SidecarScope,
+    authorization_config,
+    ensure_credentials,
+    mesh_users,
+)
 from bus.client import connect
 from bus.errors import BusPermissionError
 from bus.server import NatsServer, NodeSpec
@@ -27,7 +33,9 @@ from sidecar.identity import IdentityAgent
 
 @pytest.fixture
 async def locked(tmp_path: Path) -> AsyncIterator[tuple[str, dict[str, str]]]:
-    creds: dict[str, Credentials] = ensure_credentials(tmp_path, mesh_users(["a", "b"]))
+    creds: dict[str, Credentials] = ensure_credentials(
+        tmp_path, mesh_users([SidecarScope("checkout", "a"), SidecarScope("reviews", "b")])
+    )
     spec = NodeSpec("locked", tmp_path / "nats", authorization=authorization_config(creds.values()))
     async with trio.open_nursery() as nursery:
         server: NatsServer = await nursery.start(NatsServer(spec).run)

@@ -43,6 +43,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import msgpack  # noqa: E402
 import trio  # noqa: E402
 
+from actors.telemetry import from_sender  # noqa: E402
 from bus import subjects  # noqa: E402
 from bus.client import connect  # noqa: E402
 from bus.server import NatsServer, NodeSpec  # noqa: E402
@@ -219,7 +220,7 @@ async def ingest_run(
     url: str, batches_file: Path, sidecars: int, total: int, mode: str
 ) -> dict[str, float]:
     state = GraphState()
-    merged = 0
+    merged = refused = 0
     decode: Any = parse_batch if mode == "merge" else (lambda data: data)
     async with connect(url, name=f"bench-{mode}") as bus:
         ctx = bus.subscribe_decoded(
@@ -239,7 +240,11 @@ async def ingest_run(
                 with trio.move_on_after(total / sidecars + 30):
                     async for d in sub:
                         if mode == "merge":
-                            state.ingest(d.body, trio.current_time())
+                            # The aggregator's sender check (actors/telemetry.py) too.
+                            if from_sender(d.subject, d.body):
+                                state.ingest(d.body, trio.current_time())
+                            else:
+                                refused += 1
                         else:
                             msgpack.unpackb(d.body, strict_map_key=False)
                         merged += 1
@@ -253,7 +258,7 @@ async def ingest_run(
                     proc.kill()
                     await proc.wait()
         drops = sum(bus.stats.drops.values())
-    return {"merged": merged, "cpu": cpu, "wall": wall, "drops": drops}
+    return {"merged": merged, "cpu": cpu, "wall": wall, "drops": drops, "refused": refused}
 
 
 def pure_merge(batches: list[tuple[str, bytes]]) -> float:
@@ -290,7 +295,7 @@ async def bench_ingest(sidecars: int, seconds: int) -> None:
         rate = r["merged"] / r["cpu"] if r["cpu"] else 0.0
         print(
             f"{label:46s} {rate:9.0f} batches/CPU-s   ({r['merged']:.0f} merged in {r['wall']:.1f} s wall, "
-            f"CPU {r['cpu'] / r['wall'] * 100:.0f}% of a core, {r['drops']:.0f} dropped)"
+            f"CPU {r['cpu'] / r['wall'] * 100:.0f}% of a core, {r['drops']:.0f} dropped, {r['refused']:.0f} refused)"
         )
     pure = pure_merge(batches)
     print(f"  ref: parse + merge alone, no NATS            {pure:9.0f} batches/CPU-s")

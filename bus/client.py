@@ -31,6 +31,7 @@ from bus.auth import CREDS_ENV, Credentials, is_nats_creds_file, load_credential
 from bus.errors import (
     BusClosed,
     BusConnectError,
+    BusOutsideConnect,
     BusOverloaded,
     BusPermissionError,
     BusTimeout,
@@ -128,6 +129,9 @@ class Bus:
         self._nc: Any = NatsClient()
         self._js: Any = None
         self._closing = False
+        # True between connect() connecting and leaving its block: calls after it would
+        # queue for a flusher that is gone, or cross into a closed loop.
+        self._open = False
         self._outbox_send, self._outbox_recv = trio.open_memory_channel[
             tuple[str, bytes, dict[str, str] | None]
         ](options.outbox_capacity)
@@ -304,6 +308,25 @@ class Bus:
                     log.debug("draining NATS client: %r", exc)
         await self._close_quietly()
 
+    def _crossing(self, fn: Callable[..., Any], what: str) -> Callable[..., Any]:
+        """`aio_as_trio(fn)` for a public method, after checking that it can work here.
+
+        trio-asyncio finds its loop in a context variable that a trio task copies from the
+        task that started it; a task started outside the `connect()` block has none, and
+        trio-asyncio would fail with an AttributeError on None."""
+        if not self._open:
+            raise self._closed_error(what)
+        loop = trio_asyncio.current_loop.get()
+        if loop is None or loop.is_closed():
+            raise BusOutsideConnect(
+                f"Bus.{what} called from a trio task started outside the `async with "
+                f"connect(...)` block of this bus (NATS at {self.options.display_servers}): "
+                "nats-py runs on the trio-asyncio loop that connect() opened, which only tasks "
+                "started inside that block can reach; start this task from inside the block "
+                "(publish and publish_nowait alone work from any task while the bus is open)")
+        crossing: Callable[..., Any] = aio_as_trio(fn)
+        return crossing
+
     # -- background tasks ------------------------------------------------
 
     async def _raise_errors(self) -> None:
@@ -362,6 +385,8 @@ class Bus:
                 f"outgoing queue full ({self.options.outbox_capacity} messages) publishing to "
                 f"{subject}: NATS is not keeping up"
             ) from None
+        except trio.ClosedResourceError:  # connect() closes the outbox: no check per call
+            raise self._closed_error(f"publish_nowait to {subject}") from None
         self._enqueued += 1
 
     async def publish(
@@ -380,20 +405,28 @@ class Bus:
         else:
             await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            self._outbox_send.send_nowait(item)
-        except trio.WouldBlock:
-            await self._outbox_send.send(item)
+            try:
+                self._outbox_send.send_nowait(item)
+            except trio.WouldBlock:
+                await self._outbox_send.send(item)
+        except trio.ClosedResourceError:
+            raise self._closed_error(f"publish to {subject}") from None
         self._enqueued += 1
+
+    def _closed_error(self, what: str) -> BusClosed:
+        return BusClosed(f"Bus.{what}: the bus to NATS at {self.options.display_servers} "
+                         "was used after its `async with connect(...)` block ended")
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Wait until everything published so far has been written to the server."""
+        nc_flush = self._crossing(self._nc.flush, "flush()")
         with trio.move_on_after(timeout) as scope:
             if self._flushed < self._enqueued:
                 event = trio.Event()
                 self._flush_waiters.append((self._enqueued, event))
                 await event.wait()
             try:
-                await aio_as_trio(self._nc.flush)(timeout=max(1, int(timeout)))
+                await nc_flush(timeout=max(1, int(timeout)))
             except nats.errors.Error as exc:
                 raise BusTimeout(f"NATS flush failed: {exc}") from None
         if scope.cancelled_caught:
@@ -492,9 +525,10 @@ class Bus:
             except BaseException as exc:  # a bug in delivery must surface in trio, not in asyncio
                 report(exc)
 
+        nc_subscribe = self._crossing(self._nc.subscribe, f"subscribe({sub.subject!r})")
         denied_before = self.denied_count
         try:
-            sub.nats_sub = await aio_as_trio(self._nc.subscribe)(
+            sub.nats_sub = await nc_subscribe(
                 sub.subject, queue=queue, cb=callback
             )
         except nats.errors.Error as exc:
@@ -526,9 +560,10 @@ class Bus:
         self, subject: str, message: Message | bytes, *, timeout: float = 2.0
     ) -> bytes:
         data = self._payload(message)
+        nc_request = self._crossing(self._nc.request, f"request({subject!r})")
         with trio.move_on_after(timeout) as scope:
             try:
-                reply = await aio_as_trio(self._nc.request)(subject, data, timeout=timeout + 5)
+                reply = await nc_request(subject, data, timeout=timeout + 5)
             except nats.errors.NoRespondersError:
                 raise NoResponders(f"nothing is listening on {subject}") from None
             except nats.errors.ConnectionClosedError:
@@ -597,6 +632,7 @@ async def connect(
     with unwrap_single():
         async with trio_asyncio.open_loop():
             await bus._connect()
+            bus._open = True
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(bus._raise_errors)
@@ -611,4 +647,6 @@ async def connect(
                     finally:
                         nursery.cancel_scope.cancel()
             finally:
+                bus._open = False
+                bus._outbox_send.close()
                 await bus._drain_and_close()

@@ -33,3 +33,9 @@ class KVError(BusError):
 
 class BusPermissionError(BusError):
     """The server refused a publish or subscription for this connection's NATS user."""
+
+
+class BusOutsideConnect(BusError):
+    """A call that has to reach nats-py came from a trio task started outside the
+    `async with connect(...)` block of its bus, so it cannot reach the bus's trio-asyncio
+    loop."""

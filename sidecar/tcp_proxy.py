@@ -4,7 +4,8 @@ destination sidecar's inbound listener, which checks who we are; we check who it
 
 `TcpListeners` keeps the set of listeners equal to the snapshot's `tcp` list while the
 sidecar runs: control-plane snapshots add, move and remove them without a restart.
-A port that cannot be bound is logged and counted, never fatal to the sidecar.
+A port that cannot be bound is counted, never fatal to the sidecar, and tried again with
+each later snapshot; it is logged once per (port, error), and once more when it binds.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ class TcpListeners:
         self._running: dict[str, tuple[int, trio.CancelScope]] = {}  # name -> (wanted, scope)
         self.ports: dict[str, int] = {}  # name -> bound port (what the admin and ready show)
         self.bind_failures = 0
+        # name -> (port, errno) of the bind failure last logged. A control plane pushes a
+        # snapshot per change anywhere in the mesh, and each one retries the bind: without
+        # this, a port held by another process would log the same error on every push.
+        self._failing: dict[str, tuple[int, int | None]] = {}
 
     def wanted_port(self, t: TcpProxy) -> int:
         return self.port_overrides.get(t.name, t.port)
@@ -103,7 +108,7 @@ class TcpListeners:
         self._nursery = nursery
         for t in tcp:
             if t.name not in self._running:
-                await nursery.start(self._serve, t, True)
+                await nursery.start(self._serve, t, self._claim(t), True)
 
     def update(self, tcp: tuple[TcpProxy, ...]) -> None:
         """Start new listeners, restart moved ones, stop removed ones (from sync code)."""
@@ -117,30 +122,49 @@ class TcpListeners:
                 scope.cancel()
                 del self._running[name]
                 self.ports.pop(name, None)
+        for name in [n for n in self._failing if n not in wanted]:
+            del self._failing[name]  # removed: if it comes back, its failure is news again
         for name, t in wanted.items():
             if name not in self._running:
-                nursery.start_soon(self._serve, t, False)
+                nursery.start_soon(self._serve, t, self._claim(t), False)
 
-    async def _serve(self, t: TcpProxy, strict: bool,
+    def _claim(self, t: TcpProxy) -> trio.CancelScope:
+        # Registered before the task runs: two snapshots applied in one tick must not start
+        # two listeners for one name (the loser's bind error would also drop the winner).
+        scope = trio.CancelScope()
+        self._running[t.name] = (self.wanted_port(t), scope)
+        return scope
+
+    async def _serve(self, t: TcpProxy, scope: trio.CancelScope, strict: bool,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         port = self.wanted_port(t)
-        scope = trio.CancelScope()
-        self._running[t.name] = (port, scope)
         with scope:
             try:
                 listeners = await trio.open_tcp_listeners(port, host="127.0.0.1", backlog=1024)
             except OSError as exc:
                 self.bind_failures += 1
-                self._running.pop(t.name, None)
+                entry = self._running.get(t.name)
+                if entry is not None and entry[1] is scope:
+                    del self._running[t.name]
                 if strict:
                     raise ConfigError(f"tcp {t.name} listener: cannot bind 127.0.0.1:{port}: "
                                       f"{exc.strerror}") from None
-                log.error("tcp %s listener: cannot bind 127.0.0.1:%d: %s (the listener "
-                          "stays down until a snapshot changes it)", t.name, port, exc.strerror)
+                if self._failing.get(t.name) != (port, exc.errno):
+                    self._failing[t.name] = (port, exc.errno)
+                    log.error("tcp listener for service %s: cannot bind 127.0.0.1:%d: %s; "
+                              "it stays down and is tried again with each new snapshot "
+                              "(logged again when it binds or fails differently)",
+                              t.name, port, exc.strerror)
                 task_status.started()
                 return
-            self.ports[t.name] = listeners[0].socket.getsockname()[1]
-            log.info("tcp %s listening on 127.0.0.1:%d", t.name, self.ports[t.name])
+            bound = listeners[0].socket.getsockname()[1]
+            self.ports[t.name] = bound
+            if self._failing.pop(t.name, None) is not None:
+                # At the error's level: whoever saw the failure must be able to see the end.
+                log.warning("tcp listener for service %s: listening on 127.0.0.1:%d, "
+                            "after failing to bind", t.name, bound)
+            else:
+                log.info("tcp %s listening on 127.0.0.1:%d", t.name, bound)
             listener = self._make(t)
             task_status.started()
             await trio.serve_listeners(listener.handle, listeners)

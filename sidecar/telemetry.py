@@ -20,6 +20,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from math import ceil, log2
 
 import trio
@@ -40,7 +41,7 @@ from mesh.stats import BASE_S, GROWTH_LOG2, NBUCKETS, PairAgg
 from mesh.telemetry import PairKey, build_batch
 from sidecar.accesslog import AccessLog
 from sidecar.tcp_telemetry import TcpCollector, TcpRecorder
-from sidecar.tracing import Hop, HopTracer, SpanShipper
+from sidecar.tracing import Hop, HopTracer, SpanShipper, next_tick
 
 log = logging.getLogger("mesh.sidecar.telemetry")
 
@@ -249,13 +250,15 @@ class TelemetryPublisher:
                 sent += 1
         return sent
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, origin: float | None = None,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish at `origin + k * interval` (trio time; default: now)."""
         task_status.started()
-        deadline = trio.current_time()
+        start = trio.current_time() if origin is None else origin
+        tick = 0
         try:
             while True:
-                deadline += self.interval
-                await trio.sleep_until(deadline)
+                tick = await next_tick(start, self.interval, tick)
                 self.publish_once()
         finally:
             # The last partial interval: queued without waiting (the bus flushes on close).
@@ -481,9 +484,13 @@ class SidecarTelemetry:
             )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # One grid for both: with a batch interval that is a multiple of the span interval
+        # (1 s and 0.5 s by default) every batch tick is also a span tick, so an idle
+        # sidecar wakes twice a second for telemetry, not three times.
+        origin = trio.current_time()
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.publisher.run)
-            await nursery.start(self.shipper.run)
+            await nursery.start(partial(self.publisher.run, origin=origin))
+            await nursery.start(partial(self.shipper.run, origin=origin))
             if self.access_log is not None:
                 await nursery.start(self.access_log.run)
             if self.nats:

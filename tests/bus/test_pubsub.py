@@ -6,8 +6,8 @@ import msgpack
 import pytest
 import trio
 
-from bus.client import connect
-from bus.errors import BusConnectError, BusTimeout, NoResponders
+from bus.client import Bus, connect
+from bus.errors import BusClosed, BusConnectError, BusOutsideConnect, BusTimeout, NoResponders
 from bus.server import NatsServer
 from bus.subscription import Overflow
 from mesh.messages import Blob, MessageTooLarge, Ping, Pong
@@ -151,3 +151,42 @@ async def test_custom_decoder_bad_input_is_dropped_but_a_bug_fails_the_bus(
             bus.publish_nowait("t.num", b"boom")
             with trio.fail_after(5):
                 await trio.sleep_forever()
+
+
+async def test_a_bus_used_outside_its_connect_block_fails_with_a_clear_error(
+    nats_server: NatsServer,
+) -> None:
+    handed_send, handed_recv = trio.open_memory_channel[Bus](1)
+    done = trio.Event()
+    outside = r"called from a trio task started outside the `async with connect\(\.\.\.\)` block"
+
+    async def started_before_connect() -> None:
+        bus = await handed_recv.receive()
+        with pytest.raises(BusOutsideConnect, match=r"Bus\.flush\(\) " + outside):
+            await bus.flush()
+        with pytest.raises(BusOutsideConnect, match=r"Bus\.request\('t\.nobody'\) " + outside):
+            await bus.request("t.nobody", Ping(), Pong, timeout=1)
+        with pytest.raises(BusOutsideConnect, match=r"Bus\.subscribe\('t\.out'\) " + outside):
+            async with bus.subscribe("t.out"):
+                pass
+        # Publishing only queues for the bus's own flusher: it works from any task.
+        bus.publish_nowait("t.out", Blob(label="from outside", data=b""))
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(started_before_connect)
+        async with connect(nats_server.url) as bus, bus.subscribe("t.out") as sub:
+            await handed_send.send(bus)
+            with trio.fail_after(10):
+                await done.wait()
+                await bus.flush()
+                d = await sub.receive()
+            assert isinstance(d.body, Blob) and d.body.label == "from outside"
+
+    after = r"the bus to NATS at .* was used after its `async with connect\(\.\.\.\)` block ended"
+    with pytest.raises(BusClosed, match=r"Bus\.publish_nowait to t\.late: " + after):
+        bus.publish_nowait("t.late", Blob(label="late", data=b""))
+    with pytest.raises(BusClosed, match=r"Bus\.publish to t\.late: " + after):
+        await bus.publish("t.late", Blob(label="late", data=b""))
+    with pytest.raises(BusClosed, match=r"Bus\.flush\(\): " + after):
+        await bus.flush()

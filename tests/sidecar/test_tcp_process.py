@@ -140,3 +140,47 @@ def test_bad_tcp_port_flags_and_busy_tcp_ports_are_clear_errors(tmp_path: Path) 
                                  timeout=20)
             assert out.returncode == 1, out.stderr
             assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_a_busy_tcp_port_is_logged_once_retried_with_each_snapshot_and_logged_when_bound(
+    procs: Procs,
+) -> None:
+    app = echo_app(procs)
+    side = procs.sidecar("catalog", "v1", 9, tcp_to(app, "one"))
+    stderr = side.info["stderr"]
+    holder = socket.socket()  # another process's listener, as far as the sidecar can tell
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    busy = holder.getsockname()[1]
+    wanted = tcp_to(app, "one")
+    wanted["clusters"].append({"name": "stock", "subsets": {"v1": [f"127.0.0.1:{app}"]}})
+    wanted["tcp"].append({"name": "stock", "port": busy, "cluster": "stock", "subset": "v1"})
+
+    def load(version: str) -> None:
+        side.path.write_text(yaml.safe_dump(dict(wanted, version=version)))
+        deadline = time.monotonic() + 10
+        while side.config_dump()["snapshot"]["version"] != version:
+            assert time.monotonic() < deadline, f"snapshot {version} was not loaded"
+            time.sleep(0.05)
+
+    failed = f"cannot bind 127.0.0.1:{busy}"
+    bound = f"tcp listener for service stock: listening on 127.0.0.1:{busy}"
+    try:
+        for version in ("2", "3", "4", "5"):  # each swap retries the bind; one line in all
+            load(version)
+        assert "stock" not in side.config_dump()["listeners"]["tcp"]
+        log = stderr.read_text()
+        assert log.count(failed) == 1, log
+        assert f"tcp listener for service stock: {failed}: Address already in use" in log, log
+    finally:
+        holder.close()
+    load("6")  # the port is free now: this snapshot's retry binds it, and says so once
+    deadline = time.monotonic() + 10
+    while side.config_dump()["listeners"]["tcp"].get("stock") != busy:
+        assert time.monotonic() < deadline, "the listener did not bind the freed port"
+        time.sleep(0.05)
+    with socket.create_connection(("127.0.0.1", busy), timeout=5) as s:
+        assert round_trip(s, b"through") == b"through"
+    load("7")
+    log = stderr.read_text()
+    assert log.count(failed) == 1 and log.count(bound) == 1, log

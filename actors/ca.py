@@ -68,6 +68,7 @@ from mesh.concurrency import unwrap_single
 from mesh.errors import BusError, ConfigError, IdentityError, MeshError
 from mesh.messages import (
     BundleAnnounce,
+    BundleQuery,
     CaCommand,
     CaCommandReply,
     CsrReply,
@@ -254,6 +255,7 @@ class CaActor:
             async with trio.open_nursery() as nursery:
                 await nursery.start(state.serve_csrs)
                 await nursery.start(state.serve_commands)
+                await nursery.start(state.serve_bundle_queries)
                 nursery.start_soon(state.announce_periodically)
                 self.leading.set()
         finally:
@@ -480,6 +482,21 @@ class _LeaderState:
         )
 
     # -- commands (mesh ca ...) -----------------------------------------------------------------
+
+    async def serve_bundle_queries(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """The signed announcement in force, to whoever asks (the bundle is public)."""
+        async with self.bus.subscribe(subjects.CA_BUNDLE_GET, queue=subjects.CA_QUEUE) as sub:
+            task_status.started()
+            async for delivery in sub:
+                current = self.current
+                if not isinstance(delivery.body, BundleQuery) or current is None:
+                    continue
+                if not self.term.valid():
+                    continue
+                try:
+                    self.bus.reply(delivery, current)
+                except MeshError as exc:
+                    log.warning("bundle query reply not sent: %s", exc)
 
     async def serve_commands(self, *, task_status: trio.TaskStatus[None]) -> None:
         async with self.bus.subscribe(subjects.CA_COMMAND, queue=subjects.CA_QUEUE) as sub:

@@ -113,10 +113,11 @@ def _sidecar_common(inbox: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     publish = (
         subjects.CA_SIGN,  # a CSR names its identity; the CA checks it against a join token
         subjects.CERTS_STATUS_ALL,
-        # Read-only, one key: the trust domain of `mesh sidecar --namespace` comes
-        # from the stored bundle (a direct get names the key in its subject).
-        f"$JS.API.STREAM.INFO.KV_{subjects.KV_CA}",
-        f"$JS.API.DIRECT.GET.KV_{subjects.KV_CA}.$KV.{subjects.KV_CA}.bundle",
+        # The trust domain of `mesh sidecar --namespace`: asked of the CA leader. No
+        # $JS.API right at all: JetStream answers on whatever reply subject the request
+        # names, with its own rights, so even a read-only KV get let a sidecar write the
+        # answer into any KV key ($KV.mesh_ca.ca, the sealed CA, included).
+        subjects.CA_BUNDLE_GET,
     )
     subscribe = (subjects.CA_BUNDLE, subjects.CERTS_QUERY, inbox)
     return publish, subscribe

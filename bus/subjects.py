@@ -44,6 +44,7 @@ def lifecycle(replica: str) -> str:
 CA_SIGN = f"{PREFIX}.ca.sign"  # request/reply: CsrRequest -> CsrReply
 CA_QUEUE = "ca"
 CA_BUNDLE = f"{PREFIX}.ca.bundle"  # BundleAnnounce, on change and periodically
+CA_BUNDLE_GET = f"{PREFIX}.ca.bundle-get"  # request/reply: BundleQuery -> BundleAnnounce
 CA_COMMAND = f"{PREFIX}.ca.command"  # request/reply: CaCommand -> CaCommandReply
 CERTS_QUERY = f"{PREFIX}.identity.query"  # CertsQuery, answered by every identity agent
 KV_CA = "mesh_ca"  # sealed CA ("ca"), bundle ("bundle"), rotation state ("rotation")

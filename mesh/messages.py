@@ -287,6 +287,15 @@ class CaCommandReply(Message):
 
 @message
 @dataclasses.dataclass(frozen=True, slots=True)
+class BundleQuery(Message):
+    """-> the CA leader: reply with the signed BundleAnnounce in force (how a sidecar learns
+    the trust domain without any JetStream right)."""
+
+    TYPE: ClassVar[str] = "bundle-query"
+
+
+@message
+@dataclasses.dataclass(frozen=True, slots=True)
 class CertsQuery(Message):
     """`mesh certs` -> every identity agent: publish your IdentityStatus to ``reply_to``."""
 

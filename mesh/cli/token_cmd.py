@@ -13,8 +13,8 @@ from bus.client import Bus, connect
 from bus.kv import open_kv
 from mesh import tokens
 from mesh.cli.common import add_nats_flag, run_trio
-from mesh.errors import ConfigError, MeshError
-from mesh.messages import BundleAnnounce, MessageError, decode_as
+from mesh.errors import BusError, ConfigError, MeshError
+from mesh.messages import BundleAnnounce, BundleQuery, MessageError
 from mesh.spiffe import SpiffeId
 
 
@@ -40,20 +40,20 @@ def register(sub: Any) -> None:
     rv.set_defaults(func=cmd_revoke)
 
 
-async def trust_domain_of_running_ca(bus: Bus) -> str:
-    """The trust domain from the bundle the CA leader stored in KV."""
-    # direct: the key is in the request subject, which sidecars are allowed for "bundle" only.
-    kv = await open_kv(bus, subjects.KV_CA, direct=True)
-    entry = await kv.get("bundle")
-    if entry is None:
-        raise ConfigError(
-            "no CA has published a trust bundle yet (is the control plane up?); "
-            "pass --trust-domain to create the token anyway"
-        )
+async def trust_domain_of_running_ca(bus: Bus, *, timeout: float = 5.0) -> str:
+    """The trust domain of the bundle the CA leader announces, asked of the leader itself
+    (a sidecar's NATS user has no JetStream rights, bus/auth.py)."""
     try:
-        return decode_as(entry.value, BundleAnnounce).trust_domain
+        announced = await bus.request(subjects.CA_BUNDLE_GET, BundleQuery(), BundleAnnounce,
+                                      timeout=timeout)
     except MessageError as exc:
-        raise ConfigError(f"the stored trust bundle is unreadable: {exc}") from None
+        raise ConfigError(f"the announced trust bundle is unreadable: {exc}") from None
+    except BusError as exc:
+        raise ConfigError(
+            f"no CA leader answered for the trust bundle ({exc}); is the control plane up? "
+            "(mesh token create: pass --trust-domain to create the token anyway)"
+        ) from None
+    return announced.trust_domain
 
 
 async def create_token(

@@ -4,6 +4,8 @@ its certificate and follows a rotation; what a sidecar user may not do is refuse
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from bus.auth import (
 )
 from bus.client import connect
 from bus.errors import BusPermissionError
+from bus.kv import open_kv
 from bus.server import NatsServer, NodeSpec
 from mesh.cli.token_cmd import create_token, trust_domain_of_running_ca
 from mesh.messages import CaCommand, CaCommandReply, CsrReply, CsrRequest
@@ -41,6 +44,25 @@ async def locked(tmp_path: Path) -> AsyncIterator[tuple[str, dict[str, str]]]:
         server: NatsServer = await nursery.start(NatsServer(spec).run)
         yield server.url, {u: str(c.path) for u, c in creds.items()}
         nursery.cancel_scope.cancel()
+
+
+REPLY_TRICK = r"""
+import asyncio, sys, nats
+async def main():
+    url, user, password = sys.argv[1:]
+    errors = []
+    async def on_error(e):
+        errors.append(e)
+    nc = await nats.connect(url, user=user, password=password, error_cb=on_error)
+    for subject in ("$JS.API.DIRECT.GET.KV_mesh_ca.$KV.mesh_ca.bundle",
+                    "$JS.API.STREAM.INFO.KV_mesh_ca"):
+        await nc.publish(subject, b"", reply="$KV.mesh_ca.ca")
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    print("published", len(errors), flush=True)
+    await nc.close()
+asyncio.run(main())
+"""
 
 
 async def test_sidecar_user_gets_a_certificate_and_follows_a_rotation(
@@ -76,7 +98,22 @@ async def test_sidecar_user_gets_a_certificate_and_follows_a_rotation(
         await sidecar.flush()
         assert sidecar.was_denied("publish", subjects.CA_BUNDLE)
 
-        # Its job: the trust domain from the stored bundle, a certificate, bundle updates.
+        # No JetStream at all, even read-only: JetStream answers on whatever reply subject
+        # the request names, with its own rights, so a KV get whose reply subject is
+        # $KV.mesh_ca.ca used to overwrite the sealed CA. Tried with a plain nats-py client.
+        kv = await open_kv(cp, subjects.KV_CA, direct=True)
+        sealed = await kv.get("ca")
+        assert sealed is not None
+        user = json.loads(await trio.Path(files["sidecar-a"]).read_text())
+        trick = await trio.run_process(
+            [sys.executable, "-c", REPLY_TRICK, url, user["user"], user["password"]],
+            capture_stdout=True, check=False)
+        assert b"published" in trick.stdout
+        after = await kv.get("ca")
+        assert after is not None and after.value == sealed.value
+        assert (await kv.get("bundle")) is not None
+
+        # Its job: the trust domain (asked of the CA leader), a certificate, bundle updates.
         assert await trust_domain_of_running_ca(sidecar) == TD
         agent = IdentityAgent(ident, token=token, rekey_spread=0.2)
         await nursery.start(agent.run, sidecar)

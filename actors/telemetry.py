@@ -44,7 +44,7 @@ from mesh.messages import (
 )
 from mesh.stats_graph import GraphState
 from mesh.stats_window import WINDOWS
-from mesh.telemetry import BadBatch, ParsedBatch, parse_batch
+from mesh.telemetry import BadBatch, ParsedBatch, Row, parse_batch
 
 log = logging.getLogger("mesh.actors.telemetry")
 
@@ -80,7 +80,26 @@ def from_sender(subject: str, batch: ParsedBatch) -> bool:
     # Token by token: a dot inside a body field must not line up with the subject's tokens.
     if subject.split(".") != [subjects.PREFIX, "telemetry", batch.ns, batch.svc, batch.inst]:
         return False
-    return all(batch.svc in (row.key[0], row.key[1]) for row in batch.rows)
+    return all(_own_row(batch.svc, row) for row in batch.rows)
+
+
+def _own_row(svc: str, row: Row) -> bool:
+    """What a sidecar of `svc` reports: its calls (it is the source), and as destination
+    only what no source sidecar reports: HTTP from callers outside the mesh (source
+    "unknown") and TCP connections it refused. Anything else on an edge into `svc` would
+    let it overwrite its callers' record of it (say, their errors)."""
+    src, dst = row.key[0], row.key[1]
+    if src == svc:
+        return True
+    if dst != svc:
+        return False
+    if src == UNKNOWN_SOURCE:
+        return True
+    return (row.n == 0 and row.err == 0 and not row.lat and row.rx == 0 and row.tx == 0
+            and row.retries == 0 and row.tcp is not None and not any(row.tcp[:4]))
+
+
+UNKNOWN_SOURCE = "unknown"  # sidecar/proxy.py: the source of a caller outside the mesh
 
 
 def _span_subject(span: SpanRecord) -> str | None:

@@ -24,12 +24,12 @@ LIFECYCLE_ALL = f"{PREFIX}.lifecycle.>"
 KV_LEASES = "mesh_leases"
 KV_CONFIG = "mesh_config"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def token(name: str) -> str:
     """Check one subject token taken from a user-supplied name."""
-    if not _TOKEN.match(name):
+    if not _TOKEN.fullmatch(name):  # fullmatch: `$` alone accepts a trailing newline
         raise ConfigError(
             f"{name!r} cannot be used in a NATS subject: use letters, digits, '-' and '_' only"
         )

@@ -11,6 +11,7 @@ Nothing here does I/O or reads a clock: callers pass `now`.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -18,10 +19,14 @@ from typing import Any
 
 from mesh.compile import Compiled, Registration
 from mesh.errors import ConfigError
+from mesh.logthrottle import LogThrottle, held_note
 from mesh.messages import ConfigAck, ConfigHeartbeat, SnapshotPush, SnapshotRequest
 
+log = logging.getLogger("mesh.sync")
+_CONFLICT_LOG = LogThrottle()
+
 # What bus/subjects.py accepts as one subject token.
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # used with fullmatch
 
 # Snapshot sections that are lists of named items, diffed item by item.
 LIST_SECTIONS = ("services", "clusters", "tcp")
@@ -234,6 +239,7 @@ class ServerSync:
     resend_after: float = 2.0
     peers: dict[str, Peer] = field(default_factory=dict)
     services: dict[str, ServiceState] = field(default_factory=dict)
+    name_conflicts: int = 0  # messages refused: their instance name is another service's
 
     # registry ----------------------------------------------------------
 
@@ -257,6 +263,14 @@ class ServerSync:
             # The instance name is taken by a live sidecar of another service. A sidecar's NATS
             # user may be bound to its service but not to one instance name (bus/auth.py): it
             # must not take over another service's registration. The name frees on expiry.
+            # Said out loud: a sidecar squatting a name it will need is otherwise invisible.
+            self.name_conflicts += 1
+            allowed, held = _CONFLICT_LOG.allow(m.instance)
+            if allowed:
+                log.warning(
+                    "instance %r of service %r is refused: the name is registered to a live "
+                    "sidecar of service %r (it frees when that one stops)%s",
+                    m.instance, m.service, p.service, held_note(held))
             return False
         changed = (p.service, p.label, p.address) != key
         p.service, p.label, p.address, p.admin = m.service, m.label, m.address, m.admin
@@ -267,7 +281,7 @@ class ServerSync:
     def acceptable(m: SnapshotRequest | ConfigHeartbeat) -> bool:
         """Service and instance names become NATS subject tokens (the push subject): a
         message with names that cannot must be dropped, not registered."""
-        return bool(_NAME.match(m.service)) and bool(_NAME.match(m.instance))
+        return bool(_NAME.fullmatch(m.service)) and bool(_NAME.fullmatch(m.instance))
 
     def on_request(self, req: SnapshotRequest, now: float) -> bool:
         """A sidecar asked for a full snapshot; True if the registry changed."""

@@ -153,16 +153,24 @@ def parse_row(row: Mapping[str, Any]) -> Row:
     retries = int(row.get("retries", 0))
     if retries < 0:
         raise BadBatch("'retries' must not be negative")
+    n, err, rx, tx = int(row["n"]), int(row["err"]), int(row.get("rx", 0)), int(row.get("tx", 0))
+    code_counts = [int(c) for c in codes]
+    flag_counts = {str(k): int(v) for k, v in flags.items()}
+    lat_sum = float(row["lat_sum"])
+    # A negative count would subtract from what other sidecars reported for the edge.
+    if (min(n, err, rx, tx, *code_counts, *lat.values(), *flag_counts.values(), 0) < 0
+            or not lat_sum >= 0):
+        raise BadBatch("counts, bytes and 'lat_sum' must not be negative")
     return Row(
         (str(row["src"]), str(row["dst"]), str(row.get("ver", ""))),
-        int(row["n"]),
-        int(row["err"]),
-        [int(c) for c in codes],
+        n,
+        err,
+        code_counts,
         lat,
-        float(row["lat_sum"]),
-        int(row.get("rx", 0)),
-        int(row.get("tx", 0)),
-        {str(k): int(v) for k, v in flags.items()},
+        lat_sum,
+        rx,
+        tx,
+        flag_counts,
         tcp,
         retries,
     )

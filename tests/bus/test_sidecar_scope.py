@@ -285,6 +285,16 @@ def test_an_instance_name_is_not_taken_over_by_another_service() -> None:
     assert not server.on_request(intruder.hello(), now=0.2)
     assert server.on_heartbeat(intruder.heartbeat(1.0, leaving=True), now=0.3) == (False, None)
     assert [(r.service, r.address) for r in server.registrations()] == [("catalog", "10.0.0.1:1")]
+    assert server.name_conflicts >= 2  # counted (and logged, throttled): squatting is visible
     # Once the owner is gone (left or expired), the name is free again.
     assert server.on_heartbeat(owner.heartbeat(1.0, leaving=True), now=0.4)[0]
     assert server.on_heartbeat(intruder.heartbeat(1.0), now=0.5)[0]
+
+
+@pytest.mark.parametrize("name", ["a\n", "a.b", "a*", ">", "", "a b", "x" * 129])
+def test_a_name_that_is_not_one_plain_subject_token_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match="NATS subject"):
+        subjects.token(name)
+    from mesh.messages import SnapshotRequest
+
+    assert not ServerSync.acceptable(SnapshotRequest(service=name, instance="i-1", label="v1"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.messages import decode, encode
-from mesh.stats import BOUNDS, NBUCKETS, Histogram, PairAgg, bucket_index, code_class
+from mesh.stats import BOUNDS, NBUCKETS, Histogram, PairAgg, TcpAgg, bucket_index, code_class
 from mesh.stats_graph import GraphState
 from mesh.stats_window import WindowedAgg, golden
 from mesh.telemetry import BadBatch, build_batch, parse_batch
@@ -263,3 +264,48 @@ def test_the_recorders_inlined_hot_path_matches_pair_agg(
     )
     assert sum(r.requests.values()) == len(requests)
     assert all(k[3] == 0 or 100 <= k[3] <= 599 for k in r.requests)
+
+
+def _batch_bytes(svc: str, pairs: dict[tuple[str, str, str], PairAgg]) -> bytes:
+    return encode(build_batch(namespace="default", service=svc, instance=f"{svc}-1", epoch="e",
+                              seq=1, ts=1.7e9, interval=1.0, pairs=pairs))
+
+
+def test_a_sidecar_reports_its_calls_and_only_what_no_caller_reports() -> None:
+    """actors/telemetry.from_sender: a sidecar of `alpha` may not rewrite beta -> alpha (its
+    callers' record of its own failures); it may report callers outside the mesh and TCP
+    connections it refused."""
+    from actors.telemetry import from_sender
+    from bus import subjects
+
+    subject = subjects.telemetry("default", "alpha", "alpha-1")
+    own, unknown, refused, forged = PairAgg(), PairAgg(), PairAgg(), PairAgg()
+    own.observe(200, "", 0.01, 1, 2)
+    unknown.observe(200, "", 0.01, 1, 2)
+    refused.tcp = TcpAgg(denied=3)
+    forged.observe(200, "", 0.01, 1, 2)
+    ok = parse_batch(_batch_bytes("alpha", {("alpha", "beta", "v1"): own,
+                                            ("unknown", "alpha", ""): unknown,
+                                            ("beta", "alpha", ""): refused}))
+    assert from_sender(subject, ok)
+    assert not from_sender(subjects.telemetry("default", "alpha", "alpha-2"), ok)
+    for pairs in ({("beta", "alpha", ""): forged}, {("beta", "gamma", ""): own}):
+        assert not from_sender(subject, parse_batch(_batch_bytes("alpha", pairs)))
+    opened = PairAgg()
+    opened.tcp = TcpAgg(opened=1)
+    assert not from_sender(subject, parse_batch(_batch_bytes("alpha", {("beta", "alpha", ""): opened})))
+
+
+def test_negative_counts_are_refused() -> None:
+    agg = PairAgg()
+    agg.observe(500, "", 0.01, 1, 2)
+    m = msgpack.unpackb(_batch_bytes("alpha", {("alpha", "beta", "v1"): agg}), strict_map_key=False)
+    for field, value in (("err", -1), ("n", -5), ("rx", -1), ("lat_sum", -0.5)):
+        bad = copy.deepcopy(m)
+        bad["b"]["pairs"][0][field] = value
+        with pytest.raises(BadBatch, match="negative"):
+            parse_batch(msgpack.packb(bad))
+    bad = copy.deepcopy(m)
+    bad["b"]["pairs"][0]["codes"][5] = -40
+    with pytest.raises(BadBatch, match="negative"):
+        parse_batch(msgpack.packb(bad))

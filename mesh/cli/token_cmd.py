@@ -14,7 +14,7 @@ from bus.kv import open_kv
 from mesh import tokens
 from mesh.cli.common import add_nats_flag, run_trio
 from mesh.errors import BusError, ConfigError, MeshError
-from mesh.messages import BundleAnnounce, BundleQuery, MessageError
+from mesh.messages import BundleAnnounce, BundleQuery, MessageError, decode_as
 from mesh.spiffe import SpiffeId
 
 
@@ -42,18 +42,31 @@ def register(sub: Any) -> None:
 
 async def trust_domain_of_running_ca(bus: Bus, *, timeout: float = 5.0) -> str:
     """The trust domain of the bundle the CA leader announces, asked of the leader itself
-    (a sidecar's NATS user has no JetStream rights, bus/auth.py)."""
+    (a sidecar's NATS user has no JetStream rights, bus/auth.py); between two leaders (a
+    failover waits out the lease) the bundle the last one stored in KV, for users that may
+    read it (admin, control plane)."""
     try:
         announced = await bus.request(subjects.CA_BUNDLE_GET, BundleQuery(), BundleAnnounce,
                                       timeout=timeout)
+        return announced.trust_domain
     except MessageError as exc:
         raise ConfigError(f"the announced trust bundle is unreadable: {exc}") from None
     except BusError as exc:
+        asked = exc
+    try:
+        entry = await (await open_kv(bus, subjects.KV_CA, direct=True)).get("bundle")
+    except BusError:
+        entry = None  # e.g. a sidecar's user: no JetStream
+    if entry is None:
         raise ConfigError(
-            f"no CA leader answered for the trust bundle ({exc}); is the control plane up? "
-            "(mesh token create: pass --trust-domain to create the token anyway)"
-        ) from None
-    return announced.trust_domain
+            f"no CA leader answered for the trust bundle ({asked}) and none is stored; is the "
+            "control plane up? (mesh token create: pass --trust-domain to create the token "
+            "anyway)"
+        )
+    try:
+        return decode_as(entry.value, BundleAnnounce).trust_domain
+    except MessageError as exc:
+        raise ConfigError(f"the stored trust bundle is unreadable: {exc}") from None
 
 
 async def create_token(

@@ -145,7 +145,7 @@ async def test_cli_errors_are_one_line(nats_server: NatsServer) -> None:
         "token", "create", "-n", "shop", "-s", "checkout", "--nats", nats_server.url
     )
     err = result.stderr.decode()
-    assert result.returncode == 1 and "no CA has published a trust bundle" in err
+    assert result.returncode == 1 and "no CA leader answered for the trust bundle" in err
     result = await mesh_cli(
         "token",
         "create",

@@ -119,12 +119,19 @@ class KV:
             raise self._translate("keys", exc) from None
 
     async def history(self, key: str) -> list[KVEntry]:
-        try:
-            return [_entry(e) for e in await aio_as_trio(self._kv.history)(key)]
-        except nats.js.errors.NoKeysError:
-            return []
-        except nats.errors.Error as exc:
-            raise self._translate("history", exc, key) from None
+        # nats-py's history ends at the watcher's "nothing pending" marker, which it can
+        # put first when the history was delivered before it asked the consumer how much
+        # was pending (seen under load: `mesh rollback --list` printed nothing). An empty
+        # answer for a key that has a value is that race: ask again.
+        for _ in range(3):
+            try:
+                return [_entry(e) for e in await aio_as_trio(self._kv.history)(key)]
+            except nats.js.errors.NoKeysError:
+                if await self.get(key) is None:
+                    return []
+            except nats.errors.Error as exc:
+                raise self._translate("history", exc, key) from None
+        raise KVError(f"key-value bucket {self.name}: no history of {key!r} (asked 3 times)")
 
     @asynccontextmanager
     async def watch(

@@ -243,7 +243,15 @@ class _ConfigState:
         self.stats["compiles"] += 1
         return out
 
+    def nothing_good_read(self) -> bool:
+        """The stored set was refused and nothing good was ever read: compiling from nothing
+        would send empty snapshots (no routes, no authorization) to every sidecar. They
+        keep their last good configuration instead, until a readable set is stored."""
+        return self.revision == 0 and self._refused > 0
+
     def recompile(self) -> None:
+        if self.nothing_good_read():
+            return
         revision = self.revision
         pushes = self.sync.update(self._compile(self.sync.wanted_services()), now=self.now())
         self.compiled_revision = revision  # status reports this: what sidecars are compared to
@@ -269,7 +277,7 @@ class _ConfigState:
     def _full_bytes(self, service: str) -> bytes | None:
         state = self.sync.services.get(service)
         if state is None:
-            if not self.warm.is_set():
+            if not self.warm.is_set() or self.nothing_good_read():
                 return None
             self.sync.update(self._compile({service}), prune=False)
             state = self.sync.services.get(service)

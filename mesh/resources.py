@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,16 @@ def _num(lo: float, hi: float) -> Check:
     return check
 
 
+# A stored set is re-validated when it is read, but a rule added later must not make an older
+# stored set unreadable: the control plane would then compile from nothing. While a stored set
+# is decoded (decode_set), trust_domain is only checked to be a string; an odd value is refused
+# where it matters, by the CA (check_trust_domain) and by `mesh apply`.
+_DECODING_STORED: ContextVar[bool] = ContextVar("decoding_stored", default=False)
+
+
 def _trust_domain(v: _V) -> str:
+    if _DECODING_STORED.get():
+        return _str(v)
     try:
         return validate_trust_domain(_str(v))
     except SpiffeIdError as exc:
@@ -718,13 +728,21 @@ def decode_set(data: bytes) -> tuple[ResourceSet, str]:
         obj = json.loads(data)
         items = obj["resources"]
         note = str(obj.get("note", ""))
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise ConfigError(f"stored configuration is unreadable: {exc}") from None
+    if not isinstance(items, list):
+        raise ConfigError("stored configuration is unreadable: 'resources' is not a list")
     out: ResourceSet = {}
-    for i, doc in enumerate(items):
-        r = parse_resource(doc, f"stored[{i}]")
-        out[r.key] = Resource(r.kind, r.name, r.spec)
-    validate_set(out)
+    token = _DECODING_STORED.set(True)
+    try:
+        for i, doc in enumerate(items):
+            r = parse_resource(doc, f"stored[{i}]")
+            out[r.key] = Resource(r.kind, r.name, r.spec)
+        validate_set(out)
+    except (TypeError, AttributeError, RecursionError) as exc:  # written bypassing `mesh apply`
+        raise ConfigError(f"stored configuration is unreadable: {exc!r}") from None
+    finally:
+        _DECODING_STORED.reset(token)
     return out, note
 
 

@@ -99,6 +99,7 @@ class TcpListeners:
         # snapshot per change anywhere in the mesh, and each one retries the bind: without
         # this, a port held by another process would log the same error on every push.
         self._failing: dict[str, tuple[int, int | None]] = {}
+        self._wanted_names: set[str] = set()  # the names of the latest snapshot
 
     def wanted_port(self, t: TcpProxy) -> int:
         return self.port_overrides.get(t.name, t.port)
@@ -106,8 +107,11 @@ class TcpListeners:
     async def start(self, nursery: trio.Nursery, tcp: tuple[TcpProxy, ...]) -> None:
         """Bind the first set now (a file snapshot's bind error is the user's to see)."""
         self._nursery = nursery
+        self._wanted_names = {t.name for t in tcp}
         for t in tcp:
-            if t.name not in self._running:
+            # A snapshot applied while an earlier listener bound (update() runs from sync
+            # code as soon as _nursery is set) may have removed or moved this one already.
+            if t.name not in self._running and t.name in self._wanted_names:
                 await nursery.start(self._serve, t, self._claim(t), True)
 
     def update(self, tcp: tuple[TcpProxy, ...]) -> None:
@@ -116,6 +120,7 @@ class TcpListeners:
         if nursery is None:
             return  # not running yet: start() takes the snapshot in force then
         wanted = {t.name: t for t in tcp}
+        self._wanted_names = set(wanted)
         for name, (port, scope) in list(self._running.items()):
             t = wanted.get(name)
             if t is None or self.wanted_port(t) != port:
@@ -138,6 +143,7 @@ class TcpListeners:
     async def _serve(self, t: TcpProxy, scope: trio.CancelScope, strict: bool,
                      task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         port = self.wanted_port(t)
+        started = False
         with scope:
             try:
                 listeners = await trio.open_tcp_listeners(port, host="127.0.0.1", backlog=1024)
@@ -155,6 +161,7 @@ class TcpListeners:
                               "it stays down and is tried again with each new snapshot "
                               "(logged again when it binds or fails differently)",
                               t.name, port, exc.strerror)
+                started = True
                 task_status.started()
                 return
             bound = listeners[0].socket.getsockname()[1]
@@ -166,5 +173,10 @@ class TcpListeners:
             else:
                 log.info("tcp %s listening on 127.0.0.1:%d", t.name, bound)
             listener = self._make(t)
+            started = True
             task_status.started()
             await trio.serve_listeners(listener.handle, listeners)
+        if not started:
+            # Cancelled by a newer snapshot (removed or moved) before it was up: that is not
+            # a failure of start(), which waits for this.
+            task_status.started()

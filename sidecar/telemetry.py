@@ -16,6 +16,7 @@ codes are clamped to 100..599 (else "0"), flags are the sidecar's fixed set.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +37,7 @@ from prometheus_client.registry import Collector
 
 from bus import subjects
 from bus.client import Bus, connect
-from mesh.errors import BusError, MeshError
+from mesh.errors import BusError, ConfigError, MeshError
 from mesh.stats import BASE_S, GROWTH_LOG2, NBUCKETS, PairAgg
 from mesh.telemetry import PairKey, build_batch
 from sidecar.accesslog import AccessLog
@@ -361,6 +362,11 @@ class TelemetryOptions:
     otlp_endpoint: str | None = None  # e.g. http://collector:4318 (spans POSTed to /v1/traces)
     access_log: str | None = None  # a path, or "-" for stdout; None: no access log
     access_log_publish: bool = False  # also publish entries on mesh.accesslog.<service>
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.interval) and self.interval > 0):
+            raise ConfigError(
+                f"telemetry interval {self.interval!r} must be a positive number of seconds")
 
 
 class SidecarTelemetry:

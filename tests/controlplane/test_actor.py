@@ -65,3 +65,29 @@ async def test_a_burst_is_debounced_into_few_deltas(nats_server: NatsServer) -> 
             )
             assert st.stats["pushes"] == len(pushes) and st.stats["leading"]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_stored_set_pushes_nothing(nats_server: NatsServer) -> None:
+    """A stored set the control plane cannot read (written bypassing `mesh apply`) must not
+    be replaced by an empty one: sidecars keep their last good routes and policies."""
+    from bus.errors import BusTimeout
+
+    actor = ConfigActor(warmup=0.2, debounce=0.05, max_delay=0.2)
+    async with trio.open_nursery() as nursery:
+        async with connect(nats_server.url) as bus:
+            store = await Store.open(bus)
+            await store.kv.put(subjects.CONFIG_KEY, b'{"resources": 5}')
+            await nursery.start(partial(run_replica, [nats_server.url], "cp-t", actors=[actor]))
+            client = ClientSync(instance="pp-1", service="productpage", label="v1")
+            full = subjects.config_full("productpage", "pp-1")
+            async with bus.subscribe(subjects.config_push("productpage")) as sub:
+                # Past warmup and debounce: a compile would have run by the window's end.
+                with trio.move_on_after(1.5):
+                    try:
+                        got = await bus.request(full, client.hello(), SnapshotPush, timeout=1)
+                    except BusTimeout:
+                        got = None
+                    assert got is None, f"sent an empty snapshot: {got}"
+                    async for d in sub:
+                        raise AssertionError(f"pushed {d.body!r}")
+        nursery.cancel_scope.cancel()

@@ -290,3 +290,27 @@ def test_a_meshconfig_trust_domain_must_be_the_cas() -> None:
     other = as_set("kind: MeshConfig\nname: default\nspec: {trust_domain: other.org}")
     with pytest.raises(ConfigError, match=r"'other\.org' is not the trust domain"):
         check_trust_domain(other, "mesh.local", stored=applied)
+
+
+def test_a_stored_set_stays_readable_when_a_later_rule_is_stricter() -> None:
+    """A trust_domain stored before its syntax was checked must still load: an unreadable
+    stored set used to leave the control plane compiling from nothing."""
+    import json
+
+    from mesh.resources import decode_set
+
+    stored = json.dumps({"resources": [{"kind": "MeshConfig", "name": "default",
+                                        "spec": {"trust_domain": "Cluster.Local:8080"}}]})
+    resources, _ = decode_set(stored.encode())
+    assert resources[("MeshConfig", "default")].spec["trust_domain"] == "Cluster.Local:8080"
+    with pytest.raises(ConfigError, match="trust domain"):  # a new apply is still checked
+        as_set("kind: MeshConfig\nname: default\nspec: {trust_domain: Cluster.Local}")
+
+
+@pytest.mark.parametrize("data", [b'{"resources": null}', b'{"resources": 5}',
+                                  b"[" * 100_000, b'{"resources": [5]}', b"\xff"])
+def test_a_malformed_stored_set_is_a_config_error(data: bytes) -> None:
+    from mesh.resources import decode_set
+
+    with pytest.raises(ConfigError, match="stored"):
+        decode_set(data)

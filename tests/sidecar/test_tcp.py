@@ -115,3 +115,30 @@ async def test_splice_without_idle_timeout_ends_on_close_not_idleness() -> None:
             await app_b.aclose()
     assert result == [False]
     await app_a.aclose()
+
+
+async def test_a_snapshot_applied_while_the_first_listeners_bind_wins() -> None:
+    """update() may run (from sync code) while start() is still binding the first set: a
+    listener it removed must neither crash start() nor be started by it afterwards."""
+    from mesh.snapshot import TcpProxy
+    from sidecar.tcp_proxy import TcpListeners
+
+    class Idle:
+        async def handle(self, stream: trio.SocketStream) -> None:
+            await stream.aclose()
+
+    a, b = TcpProxy("a", 0, "a", "default"), TcpProxy("b", 0, "b", "default")
+    for yields in range(4):  # where, during start(), the new snapshot lands
+        listeners = TcpListeners(lambda t: Idle())  # type: ignore[arg-type,return-value]
+        async with trio.open_nursery() as nursery:
+
+            async def remove_all(ls: TcpListeners = listeners, n: int = yields) -> None:
+                for _ in range(n):
+                    await trio.lowlevel.checkpoint()
+                ls.update(())
+
+            nursery.start_soon(remove_all)
+            await listeners.start(nursery, (a, b))
+            await trio.testing.wait_all_tasks_blocked()
+            assert listeners.ports == {} and not listeners._running, yields
+            nursery.cancel_scope.cancel()

@@ -122,7 +122,13 @@ class SpanStore:
             if len(self.traces) >= self.max_traces:
                 del self.traces[next(iter(self.traces))]
             spans = self.traces[span.trace_id] = []
-        if len(spans) < MAX_SPANS_PER_TRACE and all(x["span_id"] != span.span_id for x in spans):
+        # Deduplicated per (service, span id), not span id alone: a callee learns its
+        # caller's span id from traceparent and could otherwise ship it first and have the
+        # caller's real span dropped. (_spans only keeps a span that came on its own
+        # service's subject.)
+        if len(spans) < MAX_SPANS_PER_TRACE and all(
+            x["span_id"] != span.span_id or x["service"] != span.service for x in spans
+        ):
             spans.append(span_dict(span))
 
     def get(self, trace_id: str) -> list[dict[str, Any]]:

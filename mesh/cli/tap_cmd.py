@@ -27,13 +27,26 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_tap)
 
 
-def line(e: dict[str, Any]) -> str:
-    flags = f" flags={e['response_flags']}" if e.get("response_flags") else ""
+def _shown(value: Any) -> str:
+    """A field as one safe line: request data (paths, hosts, ids) comes from whoever sent the
+    request, so control characters (terminal escapes, newlines) are shown escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def line(e: dict[str, Any], service: str = "") -> str:
+    """One request line; `service`: the sidecar that logged it, from the subject (NATS only
+    lets that service's sidecars publish there), not from the entry's own fields."""
+    s = {k: _shown(v) for k, v in e.items()}
+    flags = f" flags={s['response_flags']}" if e.get("response_flags") else ""
+    at = f"[{_shown(service)}] " if service else ""
     return (
-        f"{e.get('start_time', '')} {e.get('source') or '-'} -> {e.get('authority') or '-'} "
-        f"{e.get('method', '')} {e.get('path', '')} {e.get('status', '')} "
-        f"{e.get('duration_ms', 0)}ms{flags} upstream={e.get('upstream') or '-'} "
-        f"id={e.get('request_id') or '-'} trace={e.get('trace_id') or '-'}"
+        f"{at}{s.get('start_time', '')} {s.get('source') or '-'} -> {s.get('authority') or '-'} "
+        f"{s.get('method', '')} {s.get('path', '')} {s.get('status', '')} "
+        f"{s.get('duration_ms', 0)}ms{flags} upstream={s.get('upstream') or '-'} "
+        f"id={s.get('request_id') or '-'} trace={s.get('trace_id') or '-'}"
     )
 
 
@@ -49,7 +62,9 @@ def cmd_tap(args: argparse.Namespace) -> int:
             async for d in sub:
                 if not isinstance(d.body, AccessLogEntry):
                     continue
-                print(json.dumps(d.body.entry) if args.json else line(d.body.entry), flush=True)
+                service = d.subject.rsplit(".", 1)[-1] if args.service == "*" else ""
+                print(json.dumps(d.body.entry) if args.json else line(d.body.entry, service),
+                      flush=True)
                 seen += 1
                 if args.count and seen >= args.count:
                     break

@@ -409,3 +409,30 @@ async def test_spans_with_nowhere_to_go_are_dropped_without_being_made() -> None
         t.start_request_hop(b"GET", b"/", None, None, SpanKind.CLIENT).finish(200)
     assert len(t.collector.take(256)) == 256 and len(t.collector.finished) == 344
     assert made == [256]
+
+
+def test_span_store_dedupes_per_service_so_a_callee_cannot_pre_empt_its_callers_span() -> None:
+    from actors.telemetry import SpanStore
+    from mesh.messages import SpanRecord
+
+    def rec(service: str, name: str) -> SpanRecord:
+        return SpanRecord(trace_id="a" * 32, span_id="b" * 16, parent_id="", name=name,
+                          service=service, start_ns=1, end_ns=2, attrs={}, error=False)
+
+    store = SpanStore()
+    store.add(rec("backend", "forged"))  # the callee ships its caller's span id first
+    store.add(rec("frontend", "GET /"))
+    store.add(rec("frontend", "again"))  # a resend of the same span: kept once
+    assert sorted((s["service"], s["name"]) for s in store.get("a" * 32)) == [
+        ("backend", "forged"), ("frontend", "GET /")]
+
+
+def test_mesh_tap_lines_show_request_data_escaped_and_the_publishing_service() -> None:
+    from mesh.cli.tap_cmd import line
+
+    entry = {"start_time": "t", "source": "frontend", "authority": "backend\r\nX: 1",
+             "method": "GET", "path": "/\x1b[2J", "status": 200, "duration_ms": 1.5,
+             "response_flags": "", "upstream": "", "request_id": "r", "trace_id": "t"}
+    out = line(entry, "backend")
+    assert out.startswith("[backend] t frontend -> backend\\r\\nX: 1 GET /\\x1b[2J 200")
+    assert out.isprintable()

@@ -12,9 +12,10 @@ from bus import subjects
 from bus.client import Bus, connect
 from bus.kv import open_kv
 from mesh import tokens
+from mesh.cli.apply_cmd import ca_trust_domain
 from mesh.cli.common import add_nats_flag, run_trio
 from mesh.errors import BusError, ConfigError, MeshError
-from mesh.messages import BundleAnnounce, BundleQuery, MessageError, decode_as
+from mesh.messages import BundleAnnounce, BundleQuery, MessageError
 from mesh.spiffe import SpiffeId
 
 
@@ -53,20 +54,17 @@ async def trust_domain_of_running_ca(bus: Bus, *, timeout: float = 5.0) -> str:
         raise ConfigError(f"the announced trust bundle is unreadable: {exc}") from None
     except BusError as exc:
         asked = exc
-    try:
-        entry = await (await open_kv(bus, subjects.KV_CA, direct=True)).get("bundle")
+    try:  # the stored bundle, read without creating the CA's bucket
+        stored = await ca_trust_domain(bus)
     except BusError:
-        entry = None  # e.g. a sidecar's user: no JetStream
-    if entry is None:
+        stored = None  # e.g. a sidecar's user: no JetStream
+    if stored is None:
         raise ConfigError(
             f"no CA leader answered for the trust bundle ({asked}) and none is stored; is the "
             "control plane up? (mesh token create: pass --trust-domain to create the token "
             "anyway)"
         )
-    try:
-        return decode_as(entry.value, BundleAnnounce).trust_domain
-    except MessageError as exc:
-        raise ConfigError(f"the stored trust bundle is unreadable: {exc}") from None
+    return stored
 
 
 async def create_token(
